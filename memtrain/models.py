@@ -1,0 +1,83 @@
+"""LLaMA-style models built from named configs (no weights are ever downloaded).
+
+Named configs live in the checkout's ``configs/models/<name>.json``: ``llama-tiny`` (the CPU default), ``llama-20m`` and the standard benchmark sizes
+``llama-60m`` … ``llama-7b`` of the GaLore protocol (specs/benchmark.md §1): RMSNorm, SwiGLU, rotary
+embeddings, untied head, no biases. ``--model`` also accepts a local directory written by ``save_pretrained``
+(its weights are loaded) or a path to a config ``.json`` (randomly initialised).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
+
+DEFAULT_MODEL = "llama-tiny"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+
+
+def model_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def get_model_config(model: str = DEFAULT_MODEL, **overrides) -> PretrainedConfig:
+    """The config of a named model, a config .json file, or a saved model directory; ``overrides`` win."""
+    path = Path(model)
+    if path.is_dir():
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    else:
+        if path.suffix == ".json" and path.is_file():
+            text = path.read_text()
+        else:
+            entry = CONFIG_DIR / f"{model}.json"
+            if not entry.is_file():
+                raise ValueError(
+                    f"unknown model {model!r}: use one of {', '.join(model_names())}, a config .json file, or a "
+                    "directory saved with save_pretrained"
+                )
+            text = entry.read_text()
+        fields = json.loads(text)
+        if fields.get("model_type", "llama") != "llama":
+            config = AutoConfig.for_model(**fields)
+        else:
+            config = LlamaConfig(**fields)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def build_model(
+    model: str = DEFAULT_MODEL,
+    *,
+    vocab_size: int | None = None,
+    special_token_ids: dict[str, int] | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int | None = None,
+) -> PreTrainedModel:
+    """A causal LM: loaded with its weights from a saved directory, else randomly initialised from a config.
+
+    ``vocab_size`` (the tokenizer's) replaces the config's for fresh models; a saved model keeps its own and
+    must already cover the tokenizer. ``seed`` makes the random initialisation reproducible.
+    """
+    path = Path(model)
+    if path.is_dir() and any(path.glob("*.safetensors")) or path.is_dir() and any(path.glob("*.bin")):
+        loaded = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        if vocab_size is not None and vocab_size > loaded.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {vocab_size} tokens but the saved model {model!r} only {loaded.config.vocab_size}; "
+                "use the tokenizer saved with the model (--tokenizer the model's directory)"
+            )
+        return loaded
+    overrides = dict(special_token_ids or {})
+    if vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
+    config = get_model_config(model, **overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
+    built = AutoModelForCausalLM.from_config(config)
+    return built.to(dtype) if dtype is not None else built
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,29 @@
+"""``adamw``: the baseline. AdamW in the torch convention on every parameter (specs/README.md §2.4).
+
+It is the base optimizer with no owned roles, so every group takes the shared AdamW path that all other
+methods use as their fallback. The update is a per-parameter loop rather than torch's ``foreach`` kernels, on
+purpose: ``foreach`` materialises temporaries for all parameters at once (a larger peak, which this project
+exists to cut), and the loop is bit-identical to ``torch.optim.AdamW(foreach=False)`` on fp32 parameters.
+State is 8 bytes per parameter (fp32 ``exp_avg`` and ``exp_avg_sq``; the step counter is a Python int), also
+for bf16 parameters, whose update is computed in fp32 and rounded once.
+"""
+from __future__ import annotations
+
+from .base import MemtrainOptimizer
+from .registry import OptimizerSpec, register
+
+
+class AdamW(MemtrainOptimizer):
+    name = "adamw"
+    owns = frozenset()
+
+    def __init__(self, params, *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        super().__init__(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+
+
+register(OptimizerSpec(
+    name="adamw",
+    cls=AdamW,
+    description="AdamW (torch convention) on every parameter; the baseline, 8 B/param of fp32 state",
+))

@@ -1,0 +1,197 @@
+"""The shared base of every memtrain optimizer.
+
+A method subclasses :class:`MemtrainOptimizer`, names the roles it transforms in ``owns`` and implements
+``update()`` for one parameter. Everything else is here, once:
+
+* role-tagged param groups (built by ``routing.build_param_groups``); each group records the ``method`` that
+  updates it: the subclass for owned roles, the AdamW fallback (AdamW-T, specs/README.md §2.4) for the rest,
+  with its own ``adam_lr`` / betas / ε options;
+* lazy state: nothing is created before the first ``step()`` that sees a gradient, and state holds only
+  tensors and Python numbers, so ``torch.load(weights_only=True)`` resume and accelerate's FSDP2 parameter
+  swap both work;
+* fp32 arithmetic on low-precision parameters, written back in the parameter's own dtype;
+* a ``load_state_dict`` that keeps each state tensor's saved dtype (torch casts floating state to the
+  parameter dtype, turning fp32 moments of a bf16 model into bf16 and uint8 codes into floats);
+* the loud refusal of flattened 1-D shards for roles whose method needs the matrix shape.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from itertools import chain
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .transforms import adamw_t_
+
+FALLBACK = "adamw"
+SHAPED_ROLES = ("matrix", "embedding", "head")
+
+
+def _check_hyper(name: str, value, *, positive: bool = False) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+def _check_betas(name: str, betas) -> tuple[float, float]:
+    try:
+        beta1, beta2 = (float(b) for b in betas)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair of floats like (0.9, 0.999), got {betas!r}") from None
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"{name} must lie in [0, 1), got {betas!r}")
+    return beta1, beta2
+
+
+def _tag_untyped_groups(params) -> list[dict]:
+    """Plain parameters (not built by ``build_optimizer``) carry no role. Give them one by shape: 2+ dims ->
+    ``matrix``, else ``vector``. This cannot tell an embedding from a matrix; use ``build_optimizer(model, ...)``
+    for real routing."""
+    params = list(params)
+    if not params:
+        raise ValueError("optimizer got an empty parameter list")
+    groups = params if isinstance(params[0], dict) else [{"params": params}]
+    tagged = []
+    for group in groups:
+        if "role" in group:
+            tagged.append(group)
+            continue
+        plist = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
+        for role in ("vector", "matrix"):
+            members = [p for p in plist if (p.dim() >= 2) == (role == "matrix")]
+            if members:
+                tagged.append({**group, "params": members, "role": role})
+    return tagged
+
+
+@contextmanager
+def fp32_view(param: Tensor):
+    """Yield an fp32 tensor to update in place; write it back in the parameter's dtype (round to nearest).
+
+    fp32 parameters are updated in place directly, so they see exactly the operations of the math, no copy."""
+    if param.dtype == torch.float32:
+        yield param
+    else:
+        work = param.float()
+        yield work
+        param.copy_(work)
+
+
+def _restore_dtypes(loaded, saved):
+    """Give every tensor in ``loaded`` (nested dicts/lists) the dtype of its counterpart in ``saved``."""
+    if torch.is_tensor(loaded) and torch.is_tensor(saved):
+        if loaded.dtype != saved.dtype:
+            return saved.to(device=loaded.device, copy=True)
+        return loaded
+    if isinstance(loaded, dict) and isinstance(saved, dict):
+        return {k: _restore_dtypes(v, saved.get(k)) for k, v in loaded.items()}
+    if isinstance(loaded, (list, tuple)) and isinstance(saved, (list, tuple)) and len(loaded) == len(saved):
+        return type(loaded)(_restore_dtypes(a, b) for a, b in zip(loaded, saved))
+    return loaded
+
+
+class MemtrainOptimizer(Optimizer):
+    """Base class: subclasses set ``name``, ``owns`` and implement :meth:`update`."""
+
+    name: ClassVar[str] = "base"
+    #: Roles this method transforms; every other role is updated by the AdamW fallback.
+    owns: ClassVar[frozenset[str]] = frozenset()
+    #: Whether the transform needs the 2-D shape (refuses flattened 1-D shards of shaped roles).
+    needs_matrix_shape: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        params: Iterable,
+        *,
+        lr: float,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        adam_lr: float | None = None,
+        **method_defaults: Any,
+    ):
+        _check_hyper("lr", lr)
+        _check_hyper("weight_decay", weight_decay)
+        _check_hyper("eps", eps)
+        if adam_lr is not None:
+            _check_hyper("adam_lr", adam_lr)
+        betas = _check_betas("betas", betas)
+        defaults = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, **method_defaults)
+        super().__init__(_tag_untyped_groups(params), defaults)
+        for group in self.param_groups:
+            if group["role"] in self.owns:
+                group.setdefault("method", self.name)
+            else:
+                group.setdefault("method", FALLBACK)
+                if adam_lr is not None:
+                    group["lr"] = adam_lr
+            group.setdefault("names", [""] * len(group["params"]))
+
+    # -- the per-parameter updates -------------------------------------------------------------------
+    def update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+        """Update one parameter of an owned role in place. ``state`` is empty on the first call."""
+        raise NotImplementedError(f"{type(self).__name__} owns roles {sorted(self.owns)} but has no update()")
+
+    def adamw_update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+        """The AdamW-T fallback for roles the method does not own (and the whole of ``adamw``)."""
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        with fp32_view(param) as p32:
+            adamw_t_(
+                p32, grad.float(), state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=group["lr"],
+                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            )
+
+    def _update_fn(self, group: dict) -> Callable:
+        return self.adamw_update if group["method"] == FALLBACK else self.update
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def _check_shape(self, param: Tensor, group: dict, index: int) -> None:
+        if self.needs_matrix_shape and group["method"] != FALLBACK and group["role"] in SHAPED_ROLES:
+            if param.dim() < 2:
+                name = group["names"][index] or f"group {group['role']} #{index}"
+                raise RuntimeError(
+                    f"{self.name}: parameter {name!r} (role {group['role']}) arrived as a flattened "
+                    f"{param.dim()}-D tensor of {param.numel()} elements, so its rows and columns are lost. FSDP1 and "
+                    f"DeepSpeed ZeRO hand optimizers such flat shards. {self.name} needs the matrix shape: use FSDP2 "
+                    "(fully_shard) or DDP, or pick an elementwise optimizer such as adamw."
+                )
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            update = self._update_fn(group)
+            for index, param in enumerate(group["params"]):
+                grad = param.grad
+                if grad is None:  # skipped entirely: no state, no counter (specs/README.md §2.6)
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError(f"{self.name} does not support sparse gradients")
+                state = self.state[param]
+                if not state:
+                    self._check_shape(param, group, index)
+                update(param, grad, state, group)
+        return loss
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved_state = state_dict["state"]
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        super().load_state_dict(state_dict)
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, param in zip(saved_ids, params):
+            if pid in saved_state and param in self.state:
+                self.state[param] = _restore_dtypes(self.state[param], saved_state[pid])

@@ -1,0 +1,265 @@
+"""The optimizer registry: name -> :class:`OptimizerSpec`, option parsing, and ``build_optimizer``.
+
+A method registers itself with one ``register(OptimizerSpec(...))`` call at the bottom of its module and adds
+its module name to ``BUILTIN_MODULES``. Options are the keyword arguments of the optimizer class's
+``__init__``: their annotations give the types that ``optim_args="k=v,k=v"`` strings are converted to, so the
+class signature is the single source of truth for names, types and defaults.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import typing
+from dataclasses import dataclass, field
+from types import MappingProxyType, UnionType
+from typing import Any, Literal, Mapping, Union
+
+from torch import nn
+
+from . import routing
+
+#: Modules under memtrain.optim that register built-in optimizers (imported on first registry use).
+BUILTIN_MODULES = ("adamw",)
+
+#: Arguments the training loop owns; they are not optim_args options.
+TRAINER_ARGS = ("lr", "weight_decay")
+_NOT_OPTIONS = ("self", "params")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    cls: type
+    description: str
+    #: Preset values (a spec's hyperparameter table) passed unless the user overrides them. Never ``lr``.
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    #: Keeps no per-parameter state on the roles it owns.
+    stateless: bool = False
+    #: Runs exactly under FSDP2 (DTensor ``Shard(0)`` parameters).
+    fsdp2: bool = True
+    #: Runs as a DeepSpeed ZeRO client optimizer (flat 1-D partitions).
+    deepspeed: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        bad = set(self.defaults) - set(self.options())
+        if bad:
+            raise ValueError(f"{self.name}: defaults name unknown options {sorted(bad)}")
+        if "lr" in self.defaults:
+            raise ValueError(f"{self.name}: lr must come from the training configuration, not a registry default")
+
+    @property
+    def needs_matrix_shape(self) -> bool:
+        return bool(getattr(self.cls, "needs_matrix_shape", False))
+
+    @property
+    def owns(self) -> frozenset:
+        return frozenset(getattr(self.cls, "owns", frozenset()))
+
+    def options(self) -> dict[str, inspect.Parameter]:
+        """The constructor's keyword options (lr and weight_decay included), in signature order."""
+        sig = inspect.signature(self.cls.__init__)
+        return {
+            n: p for n, p in sig.parameters.items()
+            if n not in _NOT_OPTIONS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        }
+
+    def option_types(self) -> dict[str, Any]:
+        hints = typing.get_type_hints(self.cls.__init__)
+        return {n: hints.get(n, Any) for n in self.options()}
+
+    def capabilities(self) -> dict[str, bool]:
+        return {
+            "stateless": self.stateless,
+            "needs_matrix_shape": self.needs_matrix_shape,
+            "fsdp2": self.fsdp2,
+            "deepspeed": self.deepspeed,
+        }
+
+
+_REGISTRY: dict[str, OptimizerSpec] = {}
+_loaded = False
+
+
+def register(spec: OptimizerSpec) -> OptimizerSpec:
+    if spec.name in _REGISTRY and _REGISTRY[spec.name].cls is not spec.cls:
+        raise ValueError(f"optimizer name {spec.name!r} is already registered by {_REGISTRY[spec.name].cls}")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in BUILTIN_MODULES:
+            importlib.import_module(f"{__package__}.{module}")
+
+
+class UnknownOptimizerError(ValueError):
+    pass
+
+
+def optimizer_names() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> OptimizerSpec:
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise UnknownOptimizerError(
+            f"unknown optimizer {name!r}; memtrain optimizers are: {', '.join(optimizer_names())}"
+        ) from None
+
+
+def list_optimizers() -> list[dict]:
+    """One row per registered optimizer: name, description, capabilities."""
+    return [
+        {"name": s.name, "description": s.description, **s.capabilities()}
+        for s in (get_spec(n) for n in optimizer_names())
+    ]
+
+
+def format_optimizers() -> str:
+    rows = list_optimizers()
+    width = max(len(r["name"]) for r in rows)
+    lines = []
+    for r in rows:
+        caps = [k for k in ("stateless", "needs_matrix_shape", "fsdp2", "deepspeed") if r[k]]
+        lines.append(f"{r['name']:<{width}}  {r['description']}  [{', '.join(caps) or '-'}]")
+    return "\n".join(lines)
+
+
+# -- options ----------------------------------------------------------------------------------------------
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _convert(raw: str, annotation, option: str):
+    """Convert one optim_args string value to ``annotation``'s type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (Union, UnionType):
+        if raw.lower() == "none" and type(None) in args:
+            return None
+        errors = []
+        for member in (a for a in args if a is not type(None)):
+            try:
+                return _convert(raw, member, option)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError("; ".join(errors))
+    if origin is Literal:
+        for choice in args:
+            if str(choice) == raw:
+                return choice
+        raise ValueError(f"expected one of {', '.join(map(str, args))}")
+    if origin in (tuple, list):
+        parts = [s for s in raw.strip("()[]").replace("|", ":").split(":") if s]
+        if origin is tuple and args and args[-1] is not Ellipsis and len(parts) != len(args):
+            raise ValueError(f"expected {len(args)} values separated by ':' (e.g. 0.9:0.999)")
+        member_types = args if origin is tuple and args and args[-1] is not Ellipsis else [args[0] if args else str] * len(parts)
+        return origin(_convert(p, t, option) for p, t in zip(parts, member_types))
+    if annotation is bool:
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise ValueError("expected true or false")
+    if annotation is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError("expected an integer") from None
+    if annotation is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    return raw  # str and anything unannotated
+
+
+def _check_type(value, annotation) -> bool:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if origin in (Union, UnionType):
+        return any(_check_type(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if origin is Literal:
+        return value in args
+    if origin in (tuple, list):
+        return isinstance(value, (tuple, list))
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def parse_optim_args(name: str, text: str | None) -> dict[str, Any]:
+    """Parse ``"k=v,k=v"`` into typed keyword arguments for optimizer ``name``.
+
+    Tuples use ``:`` inside one value (``betas=0.9:0.95``). Unknown options and unconvertible values raise
+    ``ValueError`` naming the option and listing the accepted ones.
+    """
+    spec = get_spec(name)
+    types = spec.option_types()
+    accepted = [o for o in types if o not in TRAINER_ARGS]
+    out: dict[str, Any] = {}
+    if not text:
+        return out
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if "=" not in item:
+            raise ValueError(f"optim_args entry {item!r} for {name} must look like key=value")
+        key, raw = (s.strip() for s in item.split("=", 1))
+        if key not in accepted:
+            raise ValueError(
+                f"unknown option {key!r} for optimizer {name}; accepted options: {', '.join(accepted) or 'none'}"
+                + (" (lr and weight_decay come from the training arguments)" if key in TRAINER_ARGS else "")
+            )
+        try:
+            out[key] = _convert(raw, types[key], key)
+        except ValueError as e:
+            raise ValueError(f"option {key}={raw!r} for optimizer {name}: {e}") from None
+    return out
+
+
+def validate_options(name: str, options: Mapping[str, Any]) -> None:
+    spec = get_spec(name)
+    types = spec.option_types()
+    for key, value in options.items():
+        if key not in types:
+            raise TypeError(
+                f"unknown option {key!r} for optimizer {name}; accepted options: {', '.join(types)}"
+            )
+        if not _check_type(value, types[key]):
+            raise TypeError(f"option {key}={value!r} for optimizer {name} should be of type {types[key]}")
+
+
+def build_optimizer(model_or_params, name: str, *, lr: float, weight_decay: float = 0.0, rules=None, **options):
+    """Build the registered optimizer ``name``.
+
+    Given an ``nn.Module``, parameters are routed by role (``routing.build_param_groups``; ``rules`` overrides
+    roles with ``(regex, role)`` pairs). Given parameters or param groups, they are used as they are. ``lr`` is
+    required: memtrain has no silent learning-rate default (specs/README.md §2.5).
+    """
+    spec = get_spec(name)
+    merged = {**spec.defaults, **options, "lr": lr, "weight_decay": weight_decay}
+    validate_options(name, merged)
+    if isinstance(model_or_params, nn.Module):
+        params = routing.build_param_groups(
+            model_or_params, owned_roles=spec.owns, weight_decay=weight_decay, rules=rules
+        )
+    elif rules is not None:
+        raise ValueError("routing rules need the model: pass the nn.Module, not its parameters")
+    else:
+        params = model_or_params
+    return spec.cls(params, **merged)

@@ -1,0 +1,135 @@
+"""The contract every registered optimizer keeps (DESIGN.md, "Tests we want to see").
+
+Table-driven over ``memtrain.optimizer_names()``: a new registration is tested here automatically, and must add
+its state-bytes formula to ``STATE_BYTES``.
+"""
+import io
+import math
+
+import pytest
+import torch
+
+import memtrain
+from memtrain.metrics import optimizer_state_bytes
+
+from ..conftest import lm_batch, tiny_llama
+
+NAMES = memtrain.optimizer_names()
+LR = 1e-3
+
+
+def _trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+#: name -> exact optimizer-state bytes after a step on ``model`` (all trainable parameters had gradients).
+STATE_BYTES = {
+    "adamw": lambda model: 8 * sum(p.numel() for p in _trainable(model)),
+}
+
+
+def _build(name, model, lr=LR, **kw):
+    return memtrain.build_optimizer(model, name, lr=lr, weight_decay=0.01, **kw)
+
+
+def _steps(model, opt, start, n):
+    for s in range(start, start + n):
+        model(**lm_batch(s)).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_every_optimizer_has_a_state_formula():
+    assert set(NAMES) <= set(STATE_BYTES), f"add state formulas for {sorted(set(NAMES) - set(STATE_BYTES))}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_is_lazy_and_bytes_match_formula(name):
+    model = tiny_llama()
+    opt = _build(name, model)
+    assert len(opt.state) == 0 and optimizer_state_bytes(opt) == 0  # nothing before the first step()
+    _steps(model, opt, 0, 2)
+    assert optimizer_state_bytes(opt) == STATE_BYTES[name](model)
+    for state in opt.state.values():
+        for key, value in state.items():
+            assert torch.is_tensor(value) or isinstance(value, (int, float, bool)), (key, type(value))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_params_change_frozen_and_gradless_untouched(name):
+    model = tiny_llama()
+    frozen = model.model.layers[0].mlp.up_proj.weight
+    frozen.requires_grad_(False)
+    gradless = model.model.layers[1].self_attn.q_proj.weight
+    opt = _build(name, model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(**lm_batch(0)).loss.backward()
+    gradless.grad = None
+    opt.step()
+    assert frozen not in opt.state and gradless not in opt.state
+    for n, p in model.named_parameters():
+        if p is frozen or p is gradless:
+            assert torch.equal(p, before[n]), n
+        else:
+            assert not torch.equal(p, before[n]), f"{n} did not change"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_gradient_with_lr_zero_is_a_noop(name):
+    model = tiny_llama()
+    opt = _build(name, model)
+    _steps(model, opt, 0, 1)  # existing state, then a fresh-state parameter case below
+    model.model.layers[0].mlp.down_proj.weight.requires_grad_(True)
+    before = [p.detach().clone() for p in model.parameters()]
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+    fresh_model = tiny_llama()
+    fresh = _build(name, fresh_model, lr=0.0)
+    before = [p.detach().clone() for p in fresh_model.parameters()]
+    for p in fresh_model.parameters():
+        p.grad = torch.zeros_like(p)
+    fresh.step()
+    for a, b in zip(fresh_model.parameters(), before):
+        assert torch.equal(a, b)
+    for o in (opt, fresh):
+        for state in o.state.values():
+            for v in state.values():
+                if torch.is_tensor(v) and v.is_floating_point():
+                    assert torch.isfinite(v).all()
+                elif isinstance(v, float):
+                    assert math.isfinite(v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_with_weights_only_load_is_bitwise(name, dtype):
+    k, j = 3, 3
+    ref_model = tiny_llama(dtype=dtype)
+    ref = _build(name, ref_model)
+    _steps(ref_model, ref, 0, k + j)
+
+    model = tiny_llama(dtype=dtype)
+    opt = _build(name, model)
+    _steps(model, opt, 0, k)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buf)
+    saved_dtypes = {(pid, key): v.dtype for pid, s in opt.state_dict()["state"].items()
+                    for key, v in s.items() if torch.is_tensor(v)}
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+
+    resumed_model = tiny_llama(seed=123, dtype=dtype)  # different init: everything must come from the checkpoint
+    resumed_model.load_state_dict(ckpt["model"])
+    resumed = _build(name, resumed_model)
+    resumed.load_state_dict(ckpt["optim"])
+    loaded_dtypes = {(pid, key): v.dtype for pid, s in resumed.state_dict()["state"].items()
+                     for key, v in s.items() if torch.is_tensor(v)}
+    assert loaded_dtypes == saved_dtypes
+    _steps(resumed_model, resumed, k, j)
+    for (n, a), b in zip(resumed_model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(a, b), n
