@@ -1,0 +1,93 @@
+"""The pretraining job behind ``scripts/pretrain.py``: a LLaMA-style model from a named config, trained from
+scratch on a text corpus (the embedded Shakespeare corpus by default) with any registered optimizer, ending
+with the run report (optimizer-state bytes, peak memory, tokens/s, token-weighted eval perplexity).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from transformers import default_data_collator
+from transformers.integrations import is_tensorboard_available
+
+from . import data as data_lib
+from .hf import Trainer, TrainingArguments
+from .models import DEFAULT_MODEL, build_model, get_model_config
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelDataArguments:
+    model: str = field(default=DEFAULT_MODEL, metadata={
+        "help": "Named config (llama-tiny, llama-20m, llama-60m, llama-130m, llama-350m, llama-1b, llama-7b), a "
+                "config .json, or a directory saved with save_pretrained."})
+    model_dtype: str = field(default="float32", metadata={
+        "help": "Dtype of the model weights: float32, or bfloat16/float16 for pure low-precision training "
+                "(optimizer math and states stay fp32).", "choices": list(DTYPES)})
+    dataset: str = field(default=data_lib.EMBEDDED_DATASET, metadata={
+        "help": "'shakespeare' (embedded default corpus), a local .txt/.jsonl file or directory, a directory "
+                "saved with datasets' save_to_disk, or a dataset in the local HF cache."})
+    text_column: str = field(default="text", metadata={"help": "Text field of .jsonl / datasets inputs."})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "Directory of a saved tokenizer. Default: train a byte-level BPE on the training split (cached)."})
+    vocab_size: int | None = field(default=None, metadata={
+        "help": "Vocabulary of the trained tokenizer. Default: the model config's vocab_size."})
+    seq_len: int = field(default=128, metadata={"help": "Tokens per training/eval block."})
+    val_fraction: float = field(default=0.05, metadata={"help": "Fraction of documents held out for eval."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training blocks."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval blocks."})
+    save_final_model: bool = field(default=True, metadata={
+        "help": "Save the trained model and its tokenizer to output_dir (for scripts/finetune.py)."})
+    list_optimizers: bool = field(default=False, metadata={"help": "Print the registered optimizers and exit."})
+
+
+# The main job's defaults: a few minutes on a 2-core CPU. Flags and config files override them.
+PRETRAIN_DEFAULTS = {
+    "output_dir": "out/pretrain",
+    "optim": "adamw",
+    "learning_rate": 1e-3,
+    "lr_scheduler_type": "cosine_with_min_lr",
+    "lr_scheduler_kwargs": {"min_lr_rate": 0.1},  # cosine to 10% of the peak (benchmark.md §2)
+    "warmup_steps": 0.1,  # a float below 1 is a fraction of the steps
+    "max_steps": 400,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 32,
+    "logging_steps": 25,
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "seed": 42,
+    "use_cpu": not torch.cuda.is_available(),
+    "report_to": "tensorboard" if is_tensorboard_available() else "none",
+}
+
+
+def run(margs: ModelDataArguments, args: TrainingArguments) -> dict:
+    """Build data, model and Trainer; train; evaluate; return the report."""
+    transformers.set_seed(args.seed)
+    vocab_size = margs.vocab_size or get_model_config(margs.model).vocab_size
+    with args.main_process_first(desc="corpus, tokenizer and dataset cache"):
+        lm = data_lib.build_lm_data(
+            margs.dataset, tokenizer=margs.tokenizer, seq_len=margs.seq_len, vocab_size=vocab_size,
+            val_fraction=margs.val_fraction, max_train_samples=margs.max_train_samples,
+            max_eval_samples=margs.max_eval_samples, text_column=margs.text_column,
+        )
+    logger.info("data: %s", lm.summary())
+    tok = lm.tokenizer
+    model = build_model(
+        margs.model,
+        vocab_size=max(vocab_size, len(tok)),
+        special_token_ids={"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                           "pad_token_id": tok.pad_token_id},
+        dtype=DTYPES[margs.model_dtype],
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=lm.train, eval_dataset=lm.eval,
+                      data_collator=default_data_collator, processing_class=tok)
+    trainer.train()
+    if margs.save_final_model:
+        trainer.save_model(args.output_dir)
+    return trainer.report_callback.last_report
