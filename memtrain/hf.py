@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from transformers import TrainerCallback
 from transformers.training_args import OptimizerNames
 
-from . import metrics
+from . import accelerate_cpu, metrics
 from .optim import registry
 from .optim.routing import format_param_groups
 
@@ -110,6 +110,7 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
     def __post_init__(self):
+        accelerate_cpu.enable(self)  # CPU only: make FSDP/DeepSpeed configs real (see accelerate_cpu.py)
         name = _optim_name(self.optim)
         if is_memtrain_optimizer(name):
             registry.parse_optim_args(name, self.optim_args)  # fail now on a bad option
@@ -145,6 +146,7 @@ class ReportCallback(TrainerCallback):
         self.model = None
         self.train_loss: float | None = None
         self.last_report: dict[str, Any] | None = None
+        self.extra: dict[str, Any] = {}  # set by memtrain's Trainer: the engine really used
         self._start = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -181,9 +183,12 @@ class ReportCallback(TrainerCallback):
         return int(state.num_input_tokens_seen or 0)
 
     def report(self, args, state) -> dict[str, Any]:
+        """The run report. Byte counts are this rank's (per device); ``*_per_rank`` lists every rank's."""
         tokens = self.train_tokens(args, state)
         model_mem = metrics.model_memory(self.model)
         state_bytes = metrics.optimizer_state_bytes(self.optimizer) if self.optimizer is not None else 0
+        peak = metrics.peak_memory(args.device)
+        state_per_rank, peak_per_rank = _gather_ints([state_bytes, peak["peak_memory_bytes"]], args.device)
         optim = _optim_name(args.optim)
         report = {
             "optimizer": optim,
@@ -194,7 +199,9 @@ class ReportCallback(TrainerCallback):
             **model_mem,
             "optimizer_state_bytes": state_bytes,
             "optimizer_state_bytes_per_trainable_parameter": state_bytes / max(1, model_mem["trainable_parameters"]),
-            **metrics.peak_memory(args.device),
+            "optimizer_state_bytes_per_rank": state_per_rank,
+            **peak,
+            "peak_memory_bytes_per_rank": peak_per_rank,
             "global_steps": state.global_step,
             "train_tokens": tokens,
             "train_runtime_s": round(self.train_seconds, 3),
@@ -206,6 +213,7 @@ class ReportCallback(TrainerCallback):
             "eval_history": self.eval_history,
             "world_size": args.world_size,
             "device": str(args.device),
+            **self.extra,
         }
         return report
 
@@ -218,6 +226,16 @@ class ReportCallback(TrainerCallback):
                 json.dump(report, f, indent=2, default=str)
             print(format_report(report) + f"\nreport written to {path}", flush=True)
         return report
+
+
+def _gather_ints(values: list[int], device) -> list[list[int]]:
+    """Each value as a list over ranks (one all-gather; just ``[[v] for v in values]`` without a process group)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [[int(v)] for v in values]
+    local = torch.tensor(values, dtype=torch.int64, device=device)
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return [[int(g[i]) for g in gathered] for i in range(len(values))]
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -238,6 +256,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"  steps / tokens       {report['global_steps']} / {report['train_tokens']:,} in {report['train_runtime_s']} s "
         f"= {num(report['tokens_per_second'], ',.0f')} tokens/s",
         f"  train loss           {num(report['train_loss'], '.4f')}",
+    ]
+    if report.get("world_size", 1) > 1:
+        lines.append(f"  per rank             state {report['optimizer_state_bytes_per_rank']} B, "
+                     f"peak {[round(b / 2**20) for b in report['peak_memory_bytes_per_rank']]} MiB")
+    lines += [
         f"  eval loss / ppl      {num(report['eval_loss'], '.4f')} / {num(report['eval_perplexity'], '.3f')} "
         f"over {num(report['eval_tokens'], ',')} tokens (token-weighted)",
     ]
@@ -254,8 +277,27 @@ class Trainer(transformers.Trainer):
         self.report_callback = ReportCallback(write_on_train_end=False)
         self.add_callback(self.report_callback)
 
+    def _refuse_flattening_engine(self, name: str) -> None:
+        """DeepSpeed ZeRO and FSDP1 hand the optimizer flat 1-D partitions that mix rows (and parameters); a
+        method that needs the matrix shape would silently degrade there, so it is refused before training."""
+        spec = registry.get_spec(name)
+        engine = None
+        if self.is_deepspeed_enabled and not spec.deepspeed:
+            engine = "DeepSpeed ZeRO"
+        elif self.is_fsdp_enabled and spec.needs_matrix_shape:
+            plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+            if getattr(plugin, "fsdp_version", 1) == 1:
+                engine = "FSDP1"
+        if engine:
+            raise ValueError(
+                f"optimizer {name!r} needs each weight's matrix shape, but {engine} hands optimizers flat 1-D "
+                "partitions that cut across rows and parameters. Use FSDP2 (configs/accelerate/fsdp2.yaml) or DDP "
+                "(configs/accelerate/ddp.yaml), or an elementwise optimizer such as adamw."
+            )
+
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None and is_memtrain_optimizer(self.args.optim):
+            self._refuse_flattening_engine(_optim_name(self.args.optim))
             factory, kwargs = optimizer_factory(
                 _optim_name(self.args.optim), **optimizer_kwargs_from_args(self.args),
             )
@@ -275,6 +317,7 @@ class Trainer(transformers.Trainer):
             self.evaluate()
         if getattr(self.args, "write_report", True):
             self.report_callback.train_loss = output.training_loss
+            self.report_callback.extra["engine"] = str(self.accelerator.distributed_type.value)
             report = self.report_callback.write(self.args, self.state)
             self.log({k: v for k, v in report.items()
                       if k in ("optimizer_state_bytes", "peak_memory_bytes", "tokens_per_second")})

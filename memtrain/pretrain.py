@@ -87,7 +87,7 @@ def run(margs: ModelDataArguments, args: TrainingArguments) -> dict:
     )
     trainer = Trainer(model=model, args=args, train_dataset=lm.train, eval_dataset=lm.eval,
                       data_collator=default_data_collator, processing_class=tok)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if margs.save_final_model:
         trainer.save_model(args.output_dir)
     return trainer.report_callback.last_report

@@ -1,0 +1,80 @@
+"""A small shim that makes accelerate's FSDP and DeepSpeed configs do what they say on CPU (gloo).
+
+Not needed on GPUs, where it does nothing. Measured with accelerate 1.15 / DeepSpeed 0.19.8 on CPU
+(../shared/notes/distributed_cpu.md):
+
+* An FSDP config silently runs as plain DDP and exits 0: ``AcceleratorState`` upgrades a run to FSDP only
+  for GPU-like distributed types, never for ``MULTI_CPU``. We upgrade ``MULTI_CPU`` + an FSDP plugin to FSDP,
+  with the device ``cpu`` (FSDP1 rejects accelerate's ``cpu:0``: "Inconsistent compute device").
+* FSDP1's full state dict with ``offload_to_cpu=True`` segfaults on CPU and accelerate hard-codes it; it is
+  pinned to False (offloading a CPU tensor to the CPU is a no-op anyway).
+* DeepSpeed JIT-compiles a shared-memory communication op with g++ on its first CPU start (20–110 s); gloo
+  does not need it, so the build is skipped.
+
+memtrain's ``TrainingArguments`` applies the shim itself for CPU runs; ``enable()`` is idempotent.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+_patched: set[str] = set()
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def fsdp_requested(args=None) -> bool:
+    return _flag("ACCELERATE_USE_FSDP") or bool(getattr(args, "fsdp", None))
+
+
+def deepspeed_requested(args=None) -> bool:
+    return _flag("ACCELERATE_USE_DEEPSPEED") or bool(getattr(args, "deepspeed", None))
+
+
+def _patch_fsdp() -> None:
+    import accelerate.state as state
+    from accelerate.utils import DistributedType
+
+    original = state.AcceleratorState.__init__
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            self.device = torch.device("cpu")
+            state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            state.PartialState._shared_state["device"] = torch.device("cpu")
+
+    state.AcceleratorState.__init__ = __init__
+
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig
+
+    for cls in (FullStateDictConfig, FullOptimStateDictConfig):
+        cls.offload_to_cpu = property(lambda self: False, lambda self, value: None)
+
+
+def _patch_deepspeed() -> None:
+    try:
+        comm_torch = importlib.import_module("deepspeed.comm.torch")
+    except ImportError:
+        return
+    comm_torch.build_shm_op = lambda: None
+
+
+def enable(args=None) -> None:
+    """Apply the CPU fixes for the engine ``args`` (or the accelerate environment) asks for."""
+    if torch.cuda.is_available():
+        return
+    if fsdp_requested(args) and "fsdp" not in _patched:
+        _patch_fsdp()
+        _patched.add("fsdp")
+    if deepspeed_requested(args) and "deepspeed" not in _patched:
+        _patch_deepspeed()
+        _patched.add("deepspeed")

@@ -1,0 +1,107 @@
+"""2-rank parity worker: run under ``torchrun --nproc_per_node 2``.
+
+For every optimizer name given, K steps of a tiny LLaMA on 2 ranks (DDP and FSDP2, each rank half of the
+global batch) are compared with 1 process on the full global batch. Rank 0 writes a JSON result per
+(optimizer, engine): the max relative parameter difference, the per-rank state bytes, or the error raised.
+"""
+import argparse
+import json
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import memtrain
+from memtrain.metrics import optimizer_state_bytes
+
+STEPS, LR, GLOBAL_BATCH, LENGTH, VOCAB = 4, 3e-3, 8, 16, 64
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=64, use_cache=False)
+    return LlamaForCausalLM(config)
+
+
+def global_batch(step):
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, LENGTH), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def local_part(batch, rank, world):
+    n = GLOBAL_BATCH // world
+    return {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
+
+
+def train(model, opt, rank, world):
+    for step in range(STEPS):
+        model(**local_part(global_batch(step), rank, world)).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def run_case(name, engine, rank, world, options):
+    reference = tiny_llama()
+    train(reference, memtrain.build_optimizer(reference, name, lr=LR, weight_decay=0.01, **options), 0, 1)
+    model = tiny_llama()
+    if engine == "fsdp2":
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert all(isinstance(p, DTensor) for p in model.parameters()), "FSDP2 did not shard the parameters"
+        wrapped = model
+    else:
+        wrapped = DistributedDataParallel(model)
+    opt = memtrain.build_optimizer(model, name, lr=LR, weight_decay=0.01, **options)
+    train(wrapped, opt, rank, world)
+    worst = 0.0
+    for a, b in zip(model.parameters(), reference.parameters()):
+        a = full(a.detach())
+        rel = ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+        worst = max(worst, rel)
+    state = torch.tensor([optimizer_state_bytes(opt)], dtype=torch.int64)
+    states = [torch.zeros_like(state) for _ in range(world)]
+    dist.all_gather(states, state)
+    return {"max_rel_diff": worst, "state_bytes_per_rank": [int(s) for s in states]}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--optims", default=",".join(memtrain.optimizer_names()))
+    parser.add_argument("--engines", default="ddp,fsdp2")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    dist.init_process_group("gloo", timeout=timedelta(seconds=90))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    try:
+        for name in args.optims.split(","):
+            for engine in args.engines.split(","):
+                try:
+                    results[f"{name}/{engine}"] = run_case(name, engine, rank, world, {})
+                except Exception as e:  # recorded, so one refusal does not hide the other cases
+                    results[f"{name}/{engine}"] = {"error": f"{type(e).__name__}: {e}",
+                                                   "trace": traceback.format_exc()[-2000:]}
+                dist.barrier()
+        if rank == 0:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
