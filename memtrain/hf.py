@@ -284,10 +284,15 @@ class Trainer(transformers.Trainer):
         engine = None
         if self.is_deepspeed_enabled and not spec.deepspeed:
             engine = "DeepSpeed ZeRO"
-        elif self.is_fsdp_enabled and spec.needs_matrix_shape:
+        elif self.is_fsdp_enabled:
             plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-            if getattr(plugin, "fsdp_version", 1) == 1:
+            if getattr(plugin, "fsdp_version", 1) == 1 and spec.needs_matrix_shape:
                 engine = "FSDP1"
+            elif not spec.fsdp2:
+                raise ValueError(
+                    f"optimizer {name!r} is not verified exact on FSDP2-sharded weights yet; use DDP "
+                    "(configs/accelerate/ddp.yaml) or an optimizer whose capabilities list fsdp2 (python -m memtrain.optim)."
+                )
         if engine:
             raise ValueError(
                 f"optimizer {name!r} needs each weight's matrix shape, but {engine} hands optimizers flat 1-D "

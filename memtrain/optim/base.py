@@ -23,6 +23,7 @@ from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from .transforms import adamw_t_
@@ -67,6 +68,14 @@ def _tag_untyped_groups(params) -> list[dict]:
             if members:
                 tagged.append({**group, "params": members, "role": role})
     return tagged
+
+
+def _registered_fsdp2(name: str) -> bool:
+    """The registry's fsdp2 capability of ``name`` (True for unregistered subclasses: nothing to check)."""
+    from .registry import _REGISTRY  # late import: registry modules import this one
+
+    spec = _REGISTRY.get(name)
+    return spec is None or spec.fsdp2
 
 
 @contextmanager
@@ -155,16 +164,24 @@ class MemtrainOptimizer(Optimizer):
         return self.adamw_update if group["method"] == FALLBACK else self.update
 
     # -- the loop -------------------------------------------------------------------------------------
-    def _check_shape(self, param: Tensor, group: dict, index: int) -> None:
-        if self.needs_matrix_shape and group["method"] != FALLBACK and group["role"] in SHAPED_ROLES:
-            if param.dim() < 2:
-                name = group["names"][index] or f"group {group['role']} #{index}"
-                raise RuntimeError(
-                    f"{self.name}: parameter {name!r} (role {group['role']}) arrived as a flattened "
-                    f"{param.dim()}-D tensor of {param.numel()} elements, so its rows and columns are lost. FSDP1 and "
-                    f"DeepSpeed ZeRO hand optimizers such flat shards. {self.name} needs the matrix shape: use FSDP2 "
-                    "(fully_shard) or DDP, or pick an elementwise optimizer such as adamw."
-                )
+    def _check_param(self, param: Tensor, group: dict, index: int) -> None:
+        """Refuse, before any state exists, parameters this method would silently get wrong."""
+        if group["method"] == FALLBACK:
+            return  # the AdamW fallback is elementwise: any shard layout is fine
+        name = group["names"][index] or f"group {group['role']} #{index}"
+        if self.needs_matrix_shape and group["role"] in SHAPED_ROLES and param.dim() < 2:
+            raise RuntimeError(
+                f"{self.name}: parameter {name!r} (role {group['role']}) arrived as a flattened "
+                f"{param.dim()}-D tensor of {param.numel()} elements, so its rows and columns are lost. FSDP1 and "
+                f"DeepSpeed ZeRO hand optimizers such flat shards. {self.name} needs the matrix shape: use FSDP2 "
+                "(fully_shard) or DDP, or pick an elementwise optimizer such as adamw."
+            )
+        if isinstance(param, DTensor) and not _registered_fsdp2(self.name):
+            raise RuntimeError(
+                f"{self.name}: parameter {name!r} is a sharded DTensor (FSDP2), and {self.name} is not verified "
+                f"exact on sharded weights yet. Use DDP (configs/accelerate/ddp.yaml), or an optimizer whose "
+                "capabilities list fsdp2 (python -m memtrain.optim)."
+            )
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
@@ -182,7 +199,7 @@ class MemtrainOptimizer(Optimizer):
                     raise RuntimeError(f"{self.name} does not support sparse gradients")
                 state = self.state[param]
                 if not state:
-                    self._check_shape(param, group, index)
+                    self._check_param(param, group, index)
                 update(param, grad, state, group)
         return loss
 
