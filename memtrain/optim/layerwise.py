@@ -157,6 +157,10 @@ class LayerwiseOptimizer(Optimizer):
         self.optimizer._update_fn(group)(param, grad, state, group)
         param.grad = None  # the release
 
+    def pending_grad_norm(self) -> Tensor | None:
+        """L2 norm (0-d tensor) of the gradients applied so far in the current optimizer step."""
+        return self._grad_sq.sqrt() if self._grad_sq is not None else None
+
     # -- the optimizer step -----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
