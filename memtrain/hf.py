@@ -22,6 +22,7 @@ from transformers.training_args import OptimizerNames
 
 from . import accelerate_cpu, metrics
 from .optim import registry
+from .optim.layerwise import GLOBAL_CLIP_MESSAGE, LayerwiseOptimizer
 from .optim.routing import format_param_groups
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,13 @@ class MemtrainOptimizerFactory:
     def __call__(self, model: torch.nn.Module, *, name: str, lr: float, weight_decay: float,
                  print_param_groups: bool = False, **options):
         optimizer = registry.build_optimizer(model, name, lr=lr, weight_decay=weight_decay, **options)
+        if isinstance(optimizer, LayerwiseOptimizer):
+            # HF's Trainer marks the last micro-batch of each accumulation window in accelerate's (shared)
+            # gradient state before that micro-batch's backward; the hooks step only then.
+            from accelerate.state import GradientState
+
+            gradient_state = GradientState()
+            optimizer.gate = lambda: gradient_state.sync_gradients
         table = format_param_groups(optimizer.param_groups)
         if print_param_groups and _is_main_process():
             print(f"memtrain: {name} parameter groups\n{table}", flush=True)
@@ -64,21 +72,47 @@ def optimizer_factory(name: str, *, lr: float, weight_decay: float = 0.0, optim_
     """
     options = {**registry.parse_optim_args(name, optim_args), **options}
     spec = registry.get_spec(name)
-    registry.validate_options(name, {**spec.defaults, **options, "lr": lr, "weight_decay": weight_decay})
+    build_args = ("target_modules", "rules")  # routing arguments of build_optimizer, not optimizer options
+    registry.validate_options(name, {**spec.defaults, **{k: v for k, v in options.items() if k not in build_args},
+                                     "lr": lr, "weight_decay": weight_decay})
     return MemtrainOptimizerFactory, {"name": name, "lr": lr, "weight_decay": weight_decay, **options}
 
 
 def optimizer_kwargs_from_args(args: transformers.TrainingArguments) -> dict[str, Any]:
-    """lr, weight decay, betas and ε from TrainingArguments (when the optimizer takes them), then optim_args."""
+    """lr, weight decay, betas and ε from TrainingArguments (when the optimizer takes them), then optim_args.
+
+    A method whose own ε (or betas) default differs from HF's keeps it unless the user set the TrainingArguments
+    value: the GaLore family's ε is 1e-6 (galore.md §4), and HF's untouched adam_epsilon=1e-8 must not replace it.
+    """
     name = _optim_name(args.optim)
     accepted = registry.get_spec(name).options()
+    hf_fields = transformers.TrainingArguments.__dataclass_fields__
+
+    def user_set(option: str, value, *fields: str) -> bool:
+        own = accepted[option].default
+        hf_default = tuple(hf_fields[f].default for f in fields)
+        hf_default = hf_default[0] if len(fields) == 1 else hf_default
+        return own is accepted[option].empty or value != hf_default or own == hf_default
+
     kwargs: dict[str, Any] = {}
-    if "betas" in accepted:
-        kwargs["betas"] = (args.adam_beta1, args.adam_beta2)
-    if "eps" in accepted:
+    betas = (args.adam_beta1, args.adam_beta2)
+    if "betas" in accepted and user_set("betas", betas, "adam_beta1", "adam_beta2"):
+        kwargs["betas"] = betas
+    if "eps" in accepted and user_set("eps", args.adam_epsilon, "adam_epsilon"):
         kwargs["eps"] = args.adam_epsilon
+    if args.optim_target_modules is not None:
+        kwargs["target_modules"] = args.optim_target_modules
     kwargs.update(registry.parse_optim_args(name, args.optim_args))
+    if getattr(args, "layerwise", False):
+        kwargs["layerwise"] = True
     return {"lr": args.learning_rate, "weight_decay": args.weight_decay, **kwargs}
+
+
+def find_layerwise(optimizer) -> LayerwiseOptimizer | None:
+    """The LayerwiseOptimizer inside ``optimizer`` (accelerate wraps it), or None."""
+    while optimizer is not None and not isinstance(optimizer, LayerwiseOptimizer):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
 
 
 def _is_main_process() -> bool:
@@ -108,22 +142,45 @@ class TrainingArguments(transformers.TrainingArguments):
     write_report: bool = field(
         default=True, metadata={"help": "After train(), print the run report and write output_dir/report.json."}
     )
+    layerwise: bool = field(default=False, metadata={
+        "help": "Layer-wise gradient release (memtrain optimizers): update each parameter inside backward and free "
+                "its gradient at once. Needs --max_grad_norm 0 (per-parameter clipping: optim_args "
+                "layerwise_clip=<norm>). Same as optim_args layerwise=true."})
 
     def __post_init__(self):
         accelerate_cpu.enable(self)  # CPU only: make FSDP/DeepSpeed configs real (see accelerate_cpu.py)
         name = _optim_name(self.optim)
         if is_memtrain_optimizer(name):
-            registry.parse_optim_args(name, self.optim_args)  # fail now on a bad option
+            options = registry.parse_optim_args(name, self.optim_args)  # fail now on a bad option
+            if self.layerwise or options.get("layerwise", False):
+                self._check_layerwise()
             self.optim = OptimizerNames.ADAMW_TORCH.value  # HF validates its own enum; restore ours after
             super().__post_init__()
             self.optim = name
         elif name in HF_OPTIMIZERS:
+            if self.layerwise:
+                raise ValueError(f"--layerwise needs a memtrain optimizer, not HF's {name!r}; memtrain optimizers: "
+                                 f"{', '.join(registry.optimizer_names())}")
             super().__post_init__()
         else:
             raise ValueError(
                 f"unknown optimizer {name!r}. memtrain optimizers: {', '.join(registry.optimizer_names())}. "
                 f"Hugging Face optimizers: {', '.join(HF_OPTIMIZERS)}."
             )
+
+
+    def _check_layerwise(self) -> None:
+        """Refuse what layer-wise release cannot do, before any training starts (galore.md §10.1)."""
+        if self.max_grad_norm and self.max_grad_norm > 0:
+            raise ValueError(f"{GLOBAL_CLIP_MESSAGE} (got max_grad_norm={self.max_grad_norm})")
+        if self.fsdp or self.deepspeed:
+            raise ValueError("layer-wise release does not support FSDP or DeepSpeed (their gradients are sharded after "
+                             "the hooks run); use DDP or a single process, or turn layerwise off")
+        ckpt_kwargs = self.gradient_checkpointing_kwargs
+        if self.gradient_checkpointing and isinstance(ckpt_kwargs, dict) and ckpt_kwargs.get("use_reentrant"):
+            raise ValueError("layer-wise release needs non-reentrant gradient checkpointing: with use_reentrant=True a "
+                             "parameter's hook can fire on a partial gradient. Set gradient_checkpointing_kwargs="
+                             "{'use_reentrant': False} (the default)")
 
 
 # -- the report -------------------------------------------------------------------------------------------
@@ -314,7 +371,17 @@ class Trainer(transformers.Trainer):
         ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
         if ids is not None:
             self.report_callback.local_tokens += ids.numel()  # summed across ranks once, in the report
+        if find_layerwise(self.optimizer) is not None and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            # Layer-wise hooks all-reduce each gradient themselves; DDP's bucketed all-reduce must not run too.
+            with model.no_sync():
+                return super().training_step(model, inputs, num_items_in_batch)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        layerwise = find_layerwise(self.optimizer)
+        if layerwise is not None and grad_norm is None:  # the gradients are gone; the hooks summed their norms
+            return layerwise.pending_grad_norm()
+        return super()._get_grad_norm(model, grad_norm)
 
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import typing
 from dataclasses import dataclass, field
 from types import MappingProxyType, UnionType
@@ -19,10 +20,13 @@ from torch import nn
 from . import routing
 
 #: Modules under memtrain.optim that register built-in optimizers (imported on first registry use).
-BUILTIN_MODULES = ("adamw",)
+BUILTIN_MODULES = ("adamw", "galore")
 
 #: Arguments the training loop owns; they are not optim_args options.
 TRAINER_ARGS = ("lr", "weight_decay")
+#: Options every optimizer accepts, handled here rather than by each class: layer-wise gradient release
+#: (``layerwise.LayerwiseOptimizer``) and its per-parameter gradient clipping.
+UNIVERSAL_OPTIONS = {"layerwise": bool, "layerwise_clip": float}
 _NOT_OPTIONS = ("self", "params")
 
 
@@ -211,7 +215,7 @@ def parse_optim_args(name: str, text: str | None) -> dict[str, Any]:
     ``ValueError`` naming the option and listing the accepted ones.
     """
     spec = get_spec(name)
-    types = spec.option_types()
+    types = {**spec.option_types(), **UNIVERSAL_OPTIONS}
     accepted = [o for o in types if o not in TRAINER_ARGS]
     out: dict[str, Any] = {}
     if not text:
@@ -234,7 +238,7 @@ def parse_optim_args(name: str, text: str | None) -> dict[str, Any]:
 
 def validate_options(name: str, options: Mapping[str, Any]) -> None:
     spec = get_spec(name)
-    types = spec.option_types()
+    types = {**spec.option_types(), **UNIVERSAL_OPTIONS}
     for key, value in options.items():
         if key not in types:
             raise TypeError(
@@ -244,22 +248,58 @@ def validate_options(name: str, options: Mapping[str, Any]) -> None:
             raise TypeError(f"option {key}={value!r} for optimizer {name} should be of type {types[key]}")
 
 
-def build_optimizer(model_or_params, name: str, *, lr: float, weight_decay: float = 0.0, rules=None, **options):
+def _module_targeted(targets, module_name: str) -> bool:
+    """HF's ``optim_target_modules`` matching (``transformers.trainer_utils.check_target_module_exists``): a
+    string is a regex that must match the whole module name; a list matches by exact name, substring, or
+    full regex match."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module_name) is not None
+    return (module_name in targets or any(t in module_name for t in targets)
+            or any(re.fullmatch(t, module_name) for t in targets))
+
+
+def _target_module_rules(model: nn.Module, targets, rules):
+    """Routing rules that restrict the ``matrix`` role to the modules ``targets`` names: every other matrix
+    becomes ``other``, which methods do not transform (their fallback updates it)."""
+    if isinstance(targets, str) and targets.replace("_", "-") == "all-linear":
+        return rules
+    if not isinstance(targets, (str, list, tuple)) or not all(isinstance(t, str) for t in targets):
+        raise TypeError(f"target_modules must be a regex string, a list of module names, or 'all-linear'; "
+                        f"got {targets!r}")
+    matrices = [r.name for r in routing.route_parameters(model, rules) if r.role == "matrix"]
+    excluded = [n for n in matrices if not _module_targeted(targets, n.rpartition(".")[0])]
+    if matrices and len(excluded) == len(matrices):
+        raise ValueError(f"target_modules {targets!r} matched no matrix module of the model (module names look like "
+                         f"{matrices[0].rpartition('.')[0]!r}); give names, substrings, a regex, or 'all-linear'")
+    return [(f"^{re.escape(n)}$", "other") for n in excluded] + routing._parse_rules(rules)
+
+
+def build_optimizer(model_or_params, name: str, *, lr: float, weight_decay: float = 0.0, rules=None,
+                    target_modules=None, layerwise: bool = False, layerwise_clip: float = 0.0, **options):
     """Build the registered optimizer ``name``.
 
     Given an ``nn.Module``, parameters are routed by role (``routing.build_param_groups``; ``rules`` overrides
-    roles with ``(regex, role)`` pairs). Given parameters or param groups, they are used as they are. ``lr`` is
-    required: memtrain has no silent learning-rate default (specs/README.md §2.5).
+    roles with ``(regex, role)`` pairs; ``target_modules``, HF's ``optim_target_modules`` convention, limits the
+    ``matrix`` role to those modules). Given parameters or param groups, they are used as they are. ``lr`` is
+    required: memtrain has no silent learning-rate default (specs/README.md §2.5). ``layerwise=True`` returns
+    a :class:`~memtrain.optim.layerwise.LayerwiseOptimizer` around the optimizer (gradient release in backward).
     """
     spec = get_spec(name)
     merged = {**spec.defaults, **options, "lr": lr, "weight_decay": weight_decay}
-    validate_options(name, merged)
+    validate_options(name, {**merged, "layerwise": layerwise, "layerwise_clip": layerwise_clip})
     if isinstance(model_or_params, nn.Module):
+        if target_modules is not None:
+            rules = _target_module_rules(model_or_params, target_modules, rules)
         params = routing.build_param_groups(
             model_or_params, owned_roles=spec.owns, weight_decay=weight_decay, rules=rules
         )
-    elif rules is not None:
-        raise ValueError("routing rules need the model: pass the nn.Module, not its parameters")
+    elif rules is not None or target_modules is not None:
+        raise ValueError("routing rules and target_modules need the model: pass the nn.Module, not its parameters")
     else:
         params = model_or_params
-    return spec.cls(params, **merged)
+    optimizer = spec.cls(params, **merged)
+    if layerwise:
+        from .layerwise import LayerwiseOptimizer
+
+        return LayerwiseOptimizer(optimizer, clip=layerwise_clip)
+    return optimizer

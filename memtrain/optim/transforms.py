@@ -37,3 +37,134 @@ def adamw_t_(
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+
+
+# -- low-rank gradient projection (GaLore, Fira; specs/galore.md, fira.md) --
+import math  # noqa: E402  (this section's own import, kept next to the code that needs it)
+from contextlib import contextmanager  # noqa: E402
+
+
+@contextmanager
+def ieee_fp32():
+    """Full fp32 matmuls inside iterative solvers: TF32 (allowed on some GPUs) would perturb the basis."""
+    matmul = torch.backends.cuda.matmul
+    old = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = old
+
+
+def projector_side(m: int, n: int, proj_type: str = "std") -> int:
+    """0 = right (P is ``[r, n]``, ``R = G Pᵀ``), 1 = left (P is ``[m, r]``, ``R = Pᵀ G``).
+
+    "std" projects the longer side away, which keeps the moments at ``r × max(m, n)``: right when m ≥ n."""
+    if proj_type == "std":
+        return 0 if m >= n else 1
+    if proj_type == "reverse_std":
+        return 1 if m >= n else 0
+    if proj_type in ("right", "left"):
+        return 0 if proj_type == "right" else 1
+    raise ValueError(f"proj_type must be one of std, reverse_std, left, right; got {proj_type!r}")
+
+
+def sign_fix_(basis: Tensor, side: int) -> Tensor:
+    """Flip each basis vector (rows of a side-0 ``[r, n]``, columns of a side-1 ``[m, r]``) so that its entry
+    of largest magnitude is positive (the first such entry on ties). Makes the basis independent of the
+    solver's sign convention."""
+    vectors = basis if side == 0 else basis.T  # [r, d], a view: flips write through
+    idx = vectors.abs().argmax(dim=1, keepdim=True)
+    signs = torch.sign(vectors.gather(1, idx))
+    vectors.mul_(torch.where(signs == 0, torch.ones_like(signs), signs))
+    return basis
+
+
+def svd_basis(G: Tensor, rank: int, side: int) -> Tensor:
+    """Top-``rank`` singular vectors of G from an exact fp32 SVD: ``Vh[:r]`` (side 0) or ``U[:, :r]`` (side 1)."""
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    return Vh[:rank].clone() if side == 0 else U[:, :rank].clone()  # clone: free the unused factor's storage
+
+
+def gram_eigh_basis(G: Tensor, rank: int, side: int) -> Tensor:
+    """Top-``rank`` eigenvectors of ``GᵀG`` (side 0) or ``GGᵀ`` (side 1), by descending eigenvalue, sign-fixed.
+
+    The Gram matrix is what an FSDP2 side-0 refresh can all-reduce (galore.md §7)."""
+    with ieee_fp32():
+        gram = G.T @ G if side == 0 else G @ G.T
+    _, vecs = torch.linalg.eigh(gram)  # ascending
+    top = vecs[:, -rank:].flip(1)
+    return sign_fix_(top.T.contiguous() if side == 0 else top.contiguous(), side)
+
+
+def randomized_basis(G: Tensor, rank: int, side: int, generator: torch.Generator, niter: int = 2) -> Tensor:
+    """Halko range finder (galore.md §2.2): the top-``rank`` left singular vectors of G (side 1), or the right
+    ones via Gᵀ (side 0). Ω is drawn on the CPU from ``generator`` so the global RNG is never touched."""
+    A = G if side == 1 else G.T  # we want A's left singular vectors
+    d_s = min(A.shape)
+    q = min(rank + max(8, math.ceil(rank / 8)), d_s)
+    omega = torch.randn(A.shape[1], q, generator=generator, dtype=torch.float32).to(A.device)
+    with ieee_fp32():
+        Q = torch.linalg.qr(A @ omega).Q
+        for _ in range(niter):
+            Q = torch.linalg.qr(A @ (A.T @ Q)).Q
+        U_small, _, _ = torch.linalg.svd(Q.T @ A, full_matrices=False)
+        left = (Q @ U_small)[:, :rank]
+    return left.contiguous() if side == 1 else left.T.contiguous()
+
+
+def project(G: Tensor, P: Tensor, side: int) -> Tensor:
+    """The low-rank gradient: ``G Pᵀ`` ([m, r], side 0) or ``Pᵀ G`` ([r, n], side 1)."""
+    return G @ P.T if side == 0 else P.T @ G
+
+
+def project_back(X: Tensor, P: Tensor, side: int) -> Tensor:
+    """Back to full size: ``X P`` (side 0) or ``P X`` (side 1)."""
+    return X @ P if side == 0 else P @ X
+
+
+def hf_step_size(lr: float, step: int, beta1: float, beta2: float) -> float:
+    """AdamW-HF's step size with the bias correction folded in: ``lr·√(1−β2ᵗ)/(1−β1ᵗ)`` (README §2.4)."""
+    return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+
+
+def adam_hf_direction_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, beta1: float, beta2: float,
+                       eps: float) -> Tensor:
+    """Update the moments in place and return ``N = M / (√V + ε)`` (AdamW-HF: ε on the uncorrected √V)."""
+    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    return exp_avg / exp_avg_sq.sqrt().add_(eps)
+
+
+def decay_after_(param: Tensor, *, lr: float, weight_decay: float) -> None:
+    """AdamW-HF's decoupled decay, applied AFTER the update to the updated weight: ``W ← W − η·λ·W``."""
+    if weight_decay > 0.0:
+        param.add_(param, alpha=-lr * weight_decay)
+
+
+def adamw_hf_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int, lr: float,
+              beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """One AdamW-HF step (README §2.4) in place on fp32 tensors; ``step`` is the counter after increment."""
+    direction = adam_hf_direction_(grad, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps)
+    param.add_(direction, alpha=-hf_step_size(lr, step, beta1, beta2))
+    decay_after_(param, lr=lr, weight_decay=weight_decay)
+
+
+def fira_scaling(N: Tensor, R: Tensor, side: int, per: str = "vector") -> Tensor:
+    """Fira's φ = ‖N‖/(‖R‖ + 1e-8) per index of the non-projected dimension: rows (``[m, 1]``, side 0) or
+    columns (``[1, n]``, side 1); ``per="matrix"`` gives one scalar (the Fira-matrix ablation)."""
+    if per == "matrix":
+        return torch.linalg.vector_norm(N) / (torch.linalg.vector_norm(R) + 1e-8)
+    dim = 1 if side == 0 else 0
+    return torch.linalg.vector_norm(N, dim=dim, keepdim=True) / (
+        torch.linalg.vector_norm(R, dim=dim, keepdim=True) + 1e-8)
+
+
+def limit_norm_growth(S: Tensor, prev: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """Fira's norm-growth limiter (code form): if ‖S‖ grew more than γ× since the previous (post-limit) norm,
+    scale S down to exactly γ·prev. ``prev == 0`` (first step, or after an exactly zero residual) means no
+    limiting. Branch-free, so no host sync. Returns the limited S and the new post-limit norm."""
+    norm = torch.linalg.vector_norm(S)
+    limiter = torch.clamp_min(norm / (prev + 1e-8), gamma) / gamma
+    limiter = torch.where(prev > 0, limiter, torch.ones_like(limiter))
+    return S / limiter, norm / limiter

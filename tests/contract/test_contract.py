@@ -22,9 +22,24 @@ def _trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _projected_bytes(model, rank=128, per_matrix_extra=0):
+    """GaLore/Fira at their default rank: per ``matrix`` weight [m, n] fp32 P (r·d_s) and moments (2·r·d_l),
+    r = min(rank, m, n), plus ``per_matrix_extra`` bytes; AdamW-HF's 8 B/param on every other role."""
+    total = 0
+    for route in memtrain.optim.route_parameters(model):
+        if route.role == "matrix":
+            r = min(rank, *route.param.shape)
+            total += 4 * (r * min(route.param.shape) + 2 * r * max(route.param.shape)) + per_matrix_extra
+        else:
+            total += 8 * route.param.numel()
+    return total
+
+
 #: name -> exact optimizer-state bytes after a step on ``model`` (all trainable parameters had gradients).
 STATE_BYTES = {
     "adamw": lambda model: 8 * sum(p.numel() for p in _trainable(model)),
+    "galore": _projected_bytes,
+    "fira": lambda model: _projected_bytes(model, per_matrix_extra=4),  # + the 0-d limiter norm per matrix
 }
 
 
