@@ -168,7 +168,6 @@ class TrainingArguments(transformers.TrainingArguments):
                 f"Hugging Face optimizers: {', '.join(HF_OPTIMIZERS)}."
             )
 
-
     def _check_layerwise(self) -> None:
         """Refuse what layer-wise release cannot do, before any training starts (galore.md §10.1)."""
         if self.max_grad_norm and self.max_grad_norm > 0:

@@ -183,6 +183,16 @@ class MemtrainOptimizer(Optimizer):
                 "capabilities list fsdp2 (python -m memtrain.optim)."
             )
 
+    def step_param(self, param: Tensor, grad: Tensor, group: dict, index: int) -> None:
+        """Update one parameter of ``group`` (its ``index``-th) from ``grad``: what ``step()`` does for each
+        parameter, and what layer-wise release calls from inside backward."""
+        if grad.is_sparse:
+            raise RuntimeError(f"{self.name} does not support sparse gradients")
+        state = self.state[param]
+        if not state:
+            self._check_param(param, group, index)
+        self._update_fn(group)(param, grad, state, group)
+
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
         loss = None
@@ -190,17 +200,9 @@ class MemtrainOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            update = self._update_fn(group)
             for index, param in enumerate(group["params"]):
-                grad = param.grad
-                if grad is None:  # skipped entirely: no state, no counter (specs/README.md §2.6)
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(f"{self.name} does not support sparse gradients")
-                state = self.state[param]
-                if not state:
-                    self._check_param(param, group, index)
-                update(param, grad, state, group)
+                if param.grad is not None:  # None: skipped entirely, no state, no counter (specs/README.md §2.6)
+                    self.step_param(param, param.grad, group, index)
         return loss
 
     # -- checkpoints ----------------------------------------------------------------------------------

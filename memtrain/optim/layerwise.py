@@ -139,8 +139,6 @@ class LayerwiseOptimizer(Optimizer):
         grad = param.grad
         if grad is None:
             return
-        if grad.is_sparse:
-            raise RuntimeError(f"{self.optimizer.name} does not support sparse gradients")
         world = self._world_size()
         if world > 1:  # every rank steps its parameters in the same (backward) order, so the collectives match
             dist.all_reduce(grad)
@@ -150,11 +148,7 @@ class LayerwiseOptimizer(Optimizer):
         if self.clip > 0:
             grad.mul_(torch.clamp(self.clip / (sq.sqrt() + 1e-6), max=1.0).to(grad.dtype))
         gi, index = self._positions[param]
-        group = self.optimizer.param_groups[gi]
-        state = self.optimizer.state[param]
-        if not state:
-            self.optimizer._check_shape(param, group, index)
-        self.optimizer._update_fn(group)(param, grad, state, group)
+        self.optimizer.step_param(param, grad, self.optimizer.param_groups[gi], index)
         param.grad = None  # the release
 
     def pending_grad_norm(self) -> Tensor | None:
