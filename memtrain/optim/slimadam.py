@@ -156,7 +156,12 @@ class SlimAdam(MemtrainOptimizer):
                           weight_decay=group["weight_decay"])
 
     def load_state_dict(self, state_dict: dict) -> None:
+        # torch restores every group key from the checkpoint; the rules of this optimizer (the user's current
+        # configuration) stay authoritative, and a moment saved under other rules is refused below.
+        rules = [g["compress_dims"] for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, rule in zip(self.param_groups, rules):
+            group["compress_dims"] = rule
         for group in self.param_groups:
             for param, name in zip(group["params"], group["names"]):
                 v = self.state.get(param, {}).get("exp_avg_sq")
