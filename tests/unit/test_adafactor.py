@@ -13,6 +13,15 @@ from memtrain.metrics import optimizer_state_bytes
 
 from ..conftest import lm_batch, tiny_llama
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared 2-core runner (pytest -n 2)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 HF_MODES = {
     # the issue's three cases, plus the Trainer default (external lr, no parameter scale) with decay and momentum
     "relative_step": dict(lr=None, relative_step=True, scale_parameter=True),

@@ -21,6 +21,15 @@ try:
 except Exception as e:  # noqa: BLE001 - any import failure means: no parity reference here
     TORCHAO = f"torchao is not importable here ({type(e).__name__}: {e}); pip install torchao (test-only)"
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared 2-core runner (pytest -n 2)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 needs_torchao = pytest.mark.skipif(TORCHAO is not None, reason=TORCHAO or "")
 DE_DECIMALS = [-0.8875, -0.6625, -0.4375, -0.2125, -0.0775, -0.0325, -0.0055, 0,
                0.0055, 0.0325, 0.0775, 0.2125, 0.4375, 0.6625, 0.8875, 1.0]
@@ -282,8 +291,6 @@ def test_tracks_fp32_adamw_on_tiny_llama_over_200_steps():
     torch.manual_seed(0)
     start = LlamaForCausalLM(config)
     losses = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared 2-core runner
     for name in ("adamw", "adam4bit"):
         model = copy.deepcopy(start)
         opt = memtrain.build_optimizer(model, name, lr=3e-3, weight_decay=0.0)
@@ -300,6 +307,5 @@ def test_tracks_fp32_adamw_on_tiny_llama_over_200_steps():
             if step >= 190:
                 tail.append(loss.item())
         losses[name] = sum(tail) / len(tail)
-    torch.set_num_threads(threads)
     assert losses["adamw"] < 5.0  # it learned (ln 512 = 6.2 at the start)
     assert abs(losses["adam4bit"] - losses["adamw"]) / losses["adamw"] < 0.02, losses

@@ -16,6 +16,15 @@ from memtrain.optim.transforms import second_moment_snr
 
 from ..conftest import lm_batch, tiny_llama
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared 2-core runner (pytest -n 2)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -213,12 +222,7 @@ def test_rules_tool_writes_a_file_slimadam_accepts(tmp_path):
     spec = importlib.util.spec_from_file_location("slimadam_rules", ROOT / "scripts" / "slimadam_rules.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        tool.main(cmd[2:])
-    finally:
-        torch.set_num_threads(threads)
+    tool.main(cmd[2:])
     rules = json.loads(out.read_text())
     assert "model.layers.0.self_attn.q_proj.weight" in rules and "lm_head.weight" in rules
     assert all(v in ([0], [1], None) for v in rules.values())
