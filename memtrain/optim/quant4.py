@@ -121,7 +121,9 @@ class BlockCodec:
         codes = quantize((blocks / scale.unsqueeze(-1)).reshape(rows.shape[0], -1), self.table.thresholds)
         if n % 2:
             codes[:, n] = 0  # the pad nibble of an odd row is code 0
-        codes = pack(codes)[:, : (n + 1) // 2]
+        codes = pack(codes)
+        if pad:  # drop the padded blocks' bytes; clone so that the stored tensor does not keep their storage
+            codes = codes[:, : (n + 1) // 2].clone()
         if x.dim() <= 1:
             return {"codes": codes.reshape(-1), "scale": scale.reshape(-1)}
         return {"codes": codes.reshape(*x.shape[:-1], -1), "scale": scale.reshape(*x.shape[:-1], -1)}

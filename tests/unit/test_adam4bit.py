@@ -229,6 +229,15 @@ def test_threshold_and_state_bytes():
     block.step()
     assert optimizer_state_bytes(block) / w.numel() == 1.0625
 
+    # Shapes that do not fill their last block: only the real codes are stored (no padded bytes kept alive).
+    odd = torch.nn.Parameter(torch.zeros(33, 201))
+    flat = torch.nn.Parameter(torch.zeros(4101))
+    opt = memtrain.build_optimizer([odd, flat], "adam4bit", lr=1e-3)
+    odd.grad, flat.grad = torch.randn(33, 201), torch.randn(4101)
+    opt.step()
+    assert optimizer_state_bytes(opt) == (2 * 33 * 101 + 4 * 33 * 2 + 4 * (33 + 201)  # rank-1 v
+                                          + 2 * 2051 + 8 * 33)  # 1-D: block v, 33 blocks of 128
+
 
 def test_keep_fp32_opt_out_by_name():
     model = tiny_llama()
