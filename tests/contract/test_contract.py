@@ -40,6 +40,21 @@ STATE_BYTES = {
     "adamw": lambda model: 8 * sum(p.numel() for p in _trainable(model)),
     "galore": _projected_bytes,
     "fira": lambda model: _projected_bytes(model, per_matrix_extra=4),  # + the 0-d limiter norm per matrix
+
+
+    # factored row + column statistics for ≥2-D tensors, a full second moment for 1-D ones (β1 = None)
+    "adafactor": lambda model: sum(4 * (p.shape[:-1].numel() + p.shape[:-2].numel() * p.shape[-1]) if p.dim() >= 2
+                                   else 4 * p.numel() for p in _trainable(model)),
+    # ≥ 4096 elements: packed 4-bit m and v (N/2 B each), B128 m scales, rank-1 v row/col maxima; else fp32 AdamW
+    "adam4bit": lambda model: sum(2 * (p.shape[0] * ((p.shape[1] + 1) // 2)) + 4 * p.shape[0] * -(-p.shape[1] // 128)
+                                  + 4 * (p.shape[0] + p.shape[1]) if p.numel() >= 4096 else 8 * p.numel()
+                                  for p in _trainable(model)),
+    # full fp32 m; v of [m, 1] for q/k/embedding/head, [1, n] for v/o/MLP (default rules), full v on vectors
+    "slimadam": lambda model: sum(
+        8 * p.numel() if p.dim() < 2
+        else 4 * p.numel() + 4 * (p.shape[1] if n.split(".")[-2] in ("v_proj", "o_proj", "gate_proj", "up_proj",
+                                                                        "down_proj") else p.shape[0])
+        for n, p in model.named_parameters() if p.requires_grad),
 }
 
 

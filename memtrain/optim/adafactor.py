@@ -1,0 +1,127 @@
+"""``adafactor``: Adafactor (Shazeer & Stern 2018), numerically identical to ``transformers.optimization.Adafactor``.
+
+Specs: specs/adafactor.md. The second moment of every ≥2-D tensor is factored over its last two dims (a row and
+a column statistic, ≈ 0 B/param); 1-D tensors keep a full second moment. The update is clipped to RMS ≤ d, scaled
+by the step size α_t and, with ``beta1``, smoothed by a momentum on the scaled update (the T2T/HF form, not Adam's).
+
+The name is HF's too. memtrain names take precedence in memtrain's ``TrainingArguments``, so with default
+options this class does exactly what HF Trainer's ``optim="adafactor"`` does: an external lr (the Trainer's
+schedule), ``scale_parameter=False``, ``relative_step=False``, coupled weight decay ``p -= λ·α_t·p`` on the
+Trainer's decay groups. The paper's relative step size is the flag set
+``lr=None, relative_step=True, scale_parameter=True``. HF's ``eps=(ε1, ε2)`` pair is spelled ``eps1``/``eps2``
+here: memtrain's Trainer passes ``adam_epsilon`` to any optimizer with an ``eps`` option, which would be wrong
+for Adafactor.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .base import MemtrainOptimizer, fp32_view
+from .registry import OptimizerSpec, register
+from .routing import ROLES
+from .transforms import clip_by_rms_, factored_rsqrt, factored_second_moment_, rms
+
+
+class Adafactor(MemtrainOptimizer):
+    name = "adafactor"
+    owns = frozenset(ROLES)  # every parameter: matrices factored, vectors unfactored
+    needs_matrix_shape = True  # a factored moment cannot be formed on a flattened shard
+
+    def __init__(self, params, *, lr: float | None, weight_decay: float = 0.0, eps1: float = 1e-30,
+                 eps2: float = 1e-3, clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
+                 scale_parameter: bool = False, relative_step: bool = False, warmup_init: bool = False,
+                 min_dim_to_factor: int = 0):
+        if relative_step and lr is not None:
+            raise ValueError(
+                "adafactor: relative_step=True computes its own step size min(1e-2, 1/sqrt(t)) and ignores lr, so "
+                f"lr={lr!r} would be silently unused; pass lr=None, or set relative_step=False to use the lr "
+                "(HF Trainer's optim='adafactor' behaviour)"
+            )
+        if lr is None and not relative_step:
+            raise ValueError("adafactor: lr=None needs relative_step=True; give an lr or set relative_step=True")
+        if warmup_init and not relative_step:
+            raise ValueError("adafactor: warmup_init=True requires relative_step=True")
+        if not (isinstance(decay_rate, (int, float)) and -1.0 <= decay_rate < 0):
+            raise ValueError(f"adafactor: decay_rate must lie in [-1, 0) so that beta2_t = 1 - t^c rises to 1, "
+                             f"got {decay_rate!r}")
+        if beta1 is not None and not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"adafactor: beta1 must be None (no first moment) or lie in [0, 1), got {beta1!r}")
+        for name, value in (("eps1", eps1), ("eps2", eps2), ("clip_threshold", clip_threshold)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"adafactor: {name} must be a finite number > 0, got {value!r}")
+        if not isinstance(min_dim_to_factor, int) or min_dim_to_factor < 0:
+            raise ValueError(f"adafactor: min_dim_to_factor must be an int >= 0, got {min_dim_to_factor!r}")
+        super().__init__(params, lr=0.0 if lr is None else lr, weight_decay=weight_decay, eps1=eps1, eps2=eps2,
+                         clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+                         scale_parameter=scale_parameter, relative_step=relative_step, warmup_init=warmup_init,
+                         min_dim_to_factor=min_dim_to_factor)
+        # Adafactor owns every role, so the AdamW fallback's betas/eps never apply: drop them from the groups so
+        # that the printed routing shows only what is used. With relative_step the lr is None, as in HF.
+        for target in (self.defaults, *self.param_groups):
+            target.pop("betas", None)
+            target.pop("eps", None)
+            if lr is None:
+                target["lr"] = None
+
+    @staticmethod
+    def _factored(param: Tensor, group: dict) -> bool:
+        return param.dim() >= 2 and min(param.shape[-2:]) >= group["min_dim_to_factor"]
+
+    @staticmethod
+    def _step_size(group: dict, step: int, param: Tensor) -> float | Tensor:
+        """α_t: ρ_t (relative, or the group lr), times max(ε2, RMS(p)) with scale_parameter. A 0-d tensor when
+        it depends on the parameter, so that no value is copied to the host."""
+        rho = group["lr"]
+        if group["relative_step"]:
+            rho = min(1e-6 * step if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(step))
+        if group["scale_parameter"]:
+            return rms(param).clamp(min=group["eps2"]) * rho
+        return rho
+
+    def update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+        grad = grad.float()
+        factored = self._factored(param, group)
+        if not state:
+            state["step"] = 0
+            if group["beta1"] is not None:
+                state["exp_avg"] = torch.zeros_like(grad)
+            if factored:
+                state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[:-1])
+                state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(grad)
+        state["step"] += 1
+        step = state["step"]
+        beta2 = 1.0 - math.pow(step, group["decay_rate"])  # 0 at t = 1: no bias correction needed
+
+        with fp32_view(param) as p32:
+            alpha = self._step_size(group, step, p32)  # RMS(p) of the pre-step parameter
+            sq = grad.square().add_(group["eps1"])  # ε1 added (HF), not used as a floor (torch.optim.Adafactor)
+            if factored:
+                factored_second_moment_(state["exp_avg_sq_row"], state["exp_avg_sq_col"], sq, beta2)
+                update = factored_rsqrt(state["exp_avg_sq_row"], state["exp_avg_sq_col"]).mul_(grad)
+            else:
+                state["exp_avg_sq"].mul_(beta2).add_(sq, alpha=1.0 - beta2)
+                update = state["exp_avg_sq"].rsqrt().mul_(grad)
+            del sq
+            clip_by_rms_(update, group["clip_threshold"]).mul_(alpha)
+            if group["beta1"] is not None:  # momentum on the scaled, clipped update (T2T/HF)
+                update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1.0 - group["beta1"])
+            if group["weight_decay"] != 0:  # coupled to α_t, from the pre-step parameter: p - λα·p - U
+                if torch.is_tensor(alpha):
+                    p32.addcmul_(p32, alpha, value=-group["weight_decay"])
+                else:
+                    p32.add_(p32, alpha=-group["weight_decay"] * alpha)
+            p32.add_(-update)
+
+
+register(OptimizerSpec(
+    name="adafactor",
+    cls=Adafactor,
+    description="Adafactor: factored second moment (≈0 B/param on matrices), update clipping; HF-identical",
+    fsdp2=False,  # the column statistic needs an all-reduce under Shard(0): the distributed issue adds it
+    deepspeed=False,  # factored moments need the matrix shape
+))
