@@ -40,8 +40,6 @@ STATE_BYTES = {
     "adamw": lambda model: 8 * sum(p.numel() for p in _trainable(model)),
     "galore": _projected_bytes,
     "fira": lambda model: _projected_bytes(model, per_matrix_extra=4),  # + the 0-d limiter norm per matrix
-
-
     # factored row + column statistics for ≥2-D tensors, a full second moment for 1-D ones (β1 = None)
     "adafactor": lambda model: sum(4 * (p.shape[:-1].numel() + p.shape[:-2].numel() * p.shape[-1]) if p.dim() >= 2
                                    else 4 * p.numel() for p in _trainable(model)),
