@@ -25,6 +25,14 @@ def _trainable(model):
 #: name -> exact optimizer-state bytes after a step on ``model`` (all trainable parameters had gradients).
 STATE_BYTES = {
     "adamw": lambda model: 8 * sum(p.numel() for p in _trainable(model)),
+    # swan, sinkgd: nothing on hidden matrices; fp32 AdamW-T moments on embedding, head and 1-D params.
+    "swan": lambda model: 8 * sum(p.numel() for p in _trainable(model) if p.dim() < 2 or any(
+        p is e.weight for e in (model.get_input_embeddings(), model.get_output_embeddings()))),
+    "sinkgd": lambda model: 8 * sum(p.numel() for p in _trainable(model) if p.dim() < 2 or any(
+        p is e.weight for e in (model.get_input_embeddings(), model.get_output_embeddings()))),
+    # scale: fp32 momentum V×d on the head only; fp32 AdamW moments on 1-D params; nothing on matrices/embedding.
+    "scale": lambda model: 4 * model.get_output_embeddings().weight.numel()
+    + 8 * sum(p.numel() for p in _trainable(model) if p.dim() < 2),
 }
 
 
