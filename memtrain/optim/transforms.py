@@ -104,14 +104,16 @@ def newton_schulz_inv_sqrt(a: Tensor, steps: int) -> Tensor:
 def whiten(x: Tensor, *, steps: int = 10, damping: float = 1e-6, centered_dim: int | None = 1) -> Tensor:
     """SWAN's GradWhitening (swan.md §2.2): approximately the polar factor of ``x``, not yet rescaled.
 
-    The short side's Gram is used (right, ``XᵀX``, when m ≥ n; left, ``XXᵀ``, when m < n). ``centered_dim`` is the
-    dim that GradNorm centred: when that makes the all-ones vector a null vector of the chosen Gram, the rank-one
-    deflation ``(μA/d)·11ᵀ`` gives it a typical eigenvalue (exact, because X is orthogonal to it), without which
-    the coupled iteration amplifies rounding noise along it by 1.5× per step. The damping ``δ·μA·I`` keeps the
-    Gram positive definite in fp32. An all-zero ``x`` (trace 0) runs the iteration on the identity instead, which
-    gives Δ = 0 exactly without a NaN and without a host round trip."""
+    The short side's Gram is used (right, ``XᵀX``, when m > n; left, ``XXᵀ``, when m < n). ``centered_dim`` is the
+    dim that GradNorm centred: it makes the all-ones vector a null vector of one Gram (``XᵀX`` for rows centred,
+    ``XXᵀ`` for columns), and a square matrix takes that side (right for the default rows, as the side rule of
+    specs/README.md §2.1 says). On that side the rank-one deflation ``(μA/d)·11ᵀ`` gives the null vector a
+    typical eigenvalue (exact, because X is orthogonal to it), without which the coupled iteration amplifies
+    rounding noise along it by 1.5× per step. The damping ``δ·μA·I`` keeps the Gram positive definite in fp32.
+    An all-zero ``x`` (trace 0) runs the iteration on the identity instead, which gives Δ = 0 exactly without a
+    NaN and without a host round trip."""
     m, n = x.shape
-    right = m >= n
+    right = m > n or (m == n and centered_dim != 0)
     flags = torch.backends.cuda.matmul
     ieee = x.is_cuda and x.dtype == torch.float32  # TF32 off in the solver (specs/README.md §2.3)
     previous = flags.fp32_precision if ieee else None  # the new flag API only: torch refuses mixing it with
