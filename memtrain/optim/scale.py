@@ -94,9 +94,9 @@ class SCALE(MemtrainOptimizer):
             buf.lerp_(grad.to(buf.dtype), 1 - group["momentum"])  # no bias correction: the normalisation removes it
             g = buf.float()
         dim = 0 if branch == "columns" else 1
-        u = rms_normalize(as_out_in(g, group["layout"]), dim=dim, eps=group["norm_eps"])
+        u = rms_normalize(as_out_in(g, group.get("layout", "linear")), dim=dim, eps=group["norm_eps"])
         with fp32_view(param) as p32:
-            descend_(as_out_in(p32, group["layout"]), u, lr=lr, weight_decay=wd)
+            descend_(as_out_in(p32, group.get("layout", "linear")), u, lr=lr, weight_decay=wd)
 
 
 register(OptimizerSpec(

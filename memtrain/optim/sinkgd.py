@@ -34,9 +34,9 @@ class SinkGD(MemtrainOptimizer):
                               "weight); they get the AdamW-T fallback", stacklevel=2)
 
     def update(self, param, grad, state, group):
-        delta = sinkhorn(as_out_in(grad.float(), group["layout"]), group["iterations"], group["norm_eps"])
+        delta = sinkhorn(as_out_in(grad.float(), group.get("layout", "linear")), group["iterations"], group["norm_eps"])
         with fp32_view(param) as p32:
-            descend_(as_out_in(p32, group["layout"]), delta, lr=group["lr"], weight_decay=group["weight_decay"])
+            descend_(as_out_in(p32, group.get("layout", "linear")), delta, lr=group["lr"], weight_decay=group["weight_decay"])
 
 
 register(OptimizerSpec(

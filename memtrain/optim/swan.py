@@ -42,14 +42,14 @@ class SWAN(MemtrainOptimizer):
                               "they get the AdamW-T fallback", stacklevel=2)
 
     def update(self, param, grad, state, group):
-        g = as_out_in(grad.float(), group["layout"])
+        g = as_out_in(grad.float(), group.get("layout", "linear"))
         x = standardize(g, dim=group["norm_dim"], eps=group["row_eps"])
         if not group["fp32_whitening"]:
             x = x.to(grad.dtype)
         delta = whiten(x, steps=group["ns_steps"], damping=group["damping"], centered_dim=group["norm_dim"])
         delta = unit_rms(delta.float())
         with fp32_view(param) as p32:
-            descend_(as_out_in(p32, group["layout"]), delta, lr=group["lr"], weight_decay=group["weight_decay"])
+            descend_(as_out_in(p32, group.get("layout", "linear")), delta, lr=group["lr"], weight_decay=group["weight_decay"])
 
 
 register(OptimizerSpec(
