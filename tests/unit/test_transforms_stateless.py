@@ -150,6 +150,20 @@ def test_newton_schulz_inverse_square_root_of_a_well_conditioned_matrix():
     torch.testing.assert_close(newton_schulz_inv_sqrt(a, 30), (v / w.sqrt()) @ v.T, rtol=1e-10, atol=1e-10)
 
 
+def test_newton_schulz_skipped_products_change_nothing():
+    """The implementation skips the identity products of step 1 and the unused last Y update: bitwise equal to
+    the plain k-step loop."""
+    x = standardize(hetero(96, 40))
+    a = x.T @ x
+    for k in (1, 2, 3, 10):
+        eye = torch.eye(40)
+        y, z = a / torch.linalg.matrix_norm(a), eye
+        for _ in range(k):
+            t = 3 * eye - z @ y
+            y, z = 0.5 * (y @ t), 0.5 * (t @ z)
+        assert torch.equal(newton_schulz_inv_sqrt(a, k), z), k
+
+
 def test_converges_to_the_exact_polar_factor_on_the_wide_heterogeneous_case():
     g = hetero(256, 688)
     assert rel_err(swan_direction(g, k=10), exact_polar(g)) < 1e-3  # measured 7.4e-4
