@@ -53,6 +53,14 @@ STATE_BYTES = {
         else 4 * p.numel() + 4 * (p.shape[1] if n.split(".")[-2] in ("v_proj", "o_proj", "gate_proj", "up_proj",
                                                                         "down_proj") else p.shape[0])
         for n, p in model.named_parameters() if p.requires_grad),
+    # swan, sinkgd: nothing on hidden matrices; fp32 AdamW-T moments on embedding, head and 1-D params.
+    "swan": lambda model: 8 * sum(p.numel() for p in _trainable(model) if p.dim() < 2 or any(
+        p is e.weight for e in (model.get_input_embeddings(), model.get_output_embeddings()))),
+    "sinkgd": lambda model: 8 * sum(p.numel() for p in _trainable(model) if p.dim() < 2 or any(
+        p is e.weight for e in (model.get_input_embeddings(), model.get_output_embeddings()))),
+    # scale: fp32 momentum V×d on the head only; fp32 AdamW moments on 1-D params; nothing on matrices/embedding.
+    "scale": lambda model: 4 * model.get_output_embeddings().weight.numel()
+    + 8 * sum(p.numel() for p in _trainable(model) if p.dim() < 2),
 }
 
 

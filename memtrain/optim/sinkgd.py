@@ -1,0 +1,50 @@
+"""``sinkgd``: Sinkhorn gradient descent, stateless on the hidden matrices (specs/sinkgd.md).
+
+For every ``matrix`` gradient G (``[out, in]``) the update is L alternations of row-RMS then column-RMS
+normalisation (a square-root Sinkhorn scaling of G⊙G), so every column has RMS 1 and every row nearly so. No state
+is kept for these matrices; embedding, head and vector parameters get the AdamW-T fallback at ``adam_lr``.
+"""
+from __future__ import annotations
+
+import warnings
+
+from .base import MemtrainOptimizer, _check_hyper, fp32_view
+from .registry import OptimizerSpec, register
+from .transforms import as_out_in, descend_, sinkhorn
+
+
+class SinkGD(MemtrainOptimizer):
+    name = "sinkgd"
+    owns = frozenset({"matrix"})
+    needs_matrix_shape = True
+
+    def __init__(self, params, *, lr: float, weight_decay: float = 0.0, adam_lr: float | None = None,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, iterations: int = 5,
+                 norm_eps: float = 1e-8):
+        """``adam_lr`` is the lr of the AdamW-T part (None: ``lr``); ``betas``/``eps`` are its options.
+        ``iterations`` is L, the number of row/column alternations; ``norm_eps`` floors each row/column RMS."""
+        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+        _check_hyper("norm_eps", norm_eps, positive=True)
+        super().__init__(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, adam_lr=adam_lr,
+                         iterations=iterations, norm_eps=norm_eps)
+        for group in self.param_groups:
+            if group["role"] == "other":
+                warnings.warn(f"sinkgd: parameters {group['names']} have role 'other' (2+ dims, not a linear "
+                              "weight); they get the AdamW-T fallback", stacklevel=2)
+
+    def update(self, param, grad, state, group):
+        delta = sinkhorn(as_out_in(grad.float(), group.get("layout", "linear")), group["iterations"], group["norm_eps"])
+        with fp32_view(param) as p32:
+            descend_(as_out_in(p32, group.get("layout", "linear")), delta, lr=group["lr"], weight_decay=group["weight_decay"])
+
+
+register(OptimizerSpec(
+    name="sinkgd",
+    cls=SinkGD,
+    description="SinkGD: alternating row/column RMS normalisation (Sinkhorn) of hidden-matrix gradients (no state "
+                "there); AdamW-T on the rest",
+    stateless=True,
+    fsdp2=False,  # the per-iteration column all-reduce of sinkgd.md §7 is not implemented yet
+    deepspeed=False,  # flat 1-D partitions have no rows: refused
+))

@@ -1,0 +1,152 @@
+"""``swan`` (specs/swan.md): steps equal a straight transcription of the spec, no state on matrices, options."""
+import copy
+
+import pytest
+import torch
+
+import memtrain
+from memtrain.metrics import optimizer_state_bytes
+
+from ..conftest import lm_batch, tiny_llama
+
+
+def spec_swan_direction(g, k=10, damping=1e-6):
+    """swan.md §2.1–2.3 written out directly, in fp32 (the rescale's norm in fp64)."""
+    m, n = g.shape
+    x = g - g.mean(dim=1, keepdim=True)
+    sigma = torch.sqrt(torch.mean(x * x, dim=1, keepdim=True))
+    rho = torch.sqrt(torch.mean(g * g, dim=1, keepdim=True))
+    constant = sigma <= torch.clamp(1e-5 * rho, min=1e-8)
+    x = torch.where(constant, torch.zeros_like(x), x / torch.where(constant, torch.ones_like(sigma), sigma))
+    if m >= n:
+        a = x.T @ x
+        mu = torch.trace(a) / n
+        a = a + (mu / n) * torch.ones(n, n) + damping * mu * torch.eye(n)
+    else:
+        a = x @ x.T
+        mu = torch.trace(a) / m
+        a = a + damping * mu * torch.eye(m)
+    eye = torch.eye(a.shape[0])
+    y, z = a / torch.linalg.norm(a), eye.clone()
+    for _ in range(k):
+        t = 3 * eye - z @ y
+        y = 0.5 * (y @ t)
+        z = 0.5 * (t @ z)
+    delta = x @ z if m >= n else z @ x
+    s = delta.double().norm()
+    return (delta.double() * (m * n) ** 0.5 / s).float()
+
+
+def hidden_matrices(model):
+    head = model.get_output_embeddings().weight
+    return [mod.weight for mod in model.modules() if isinstance(mod, torch.nn.Linear) and mod.weight is not head]
+
+
+def test_steps_equal_the_spec_transcription():
+    lr, adam_lr, wd = 1e-2, 3e-3, 0.1
+    model = tiny_llama()
+    ref_model = copy.deepcopy(model)
+    opt = memtrain.build_optimizer(model, "swan", lr=lr, weight_decay=wd, adam_lr=adam_lr)
+    matrices = hidden_matrices(ref_model)
+    rest = [p for p in ref_model.parameters() if all(p is not w for w in matrices)]
+    ref_adam = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": wd},
+                                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+                                 lr=adam_lr, foreach=False)
+    shapes = {tuple(w.shape) for w in matrices}
+    assert {(32, 32), (16, 32), (48, 32), (32, 48)} <= shapes  # square, wide and tall: both sides are exercised
+    for step in range(3):
+        for m in (model, ref_model):
+            m(**lm_batch(step)).loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for w in matrices:
+                w.mul_(1 - lr * wd)
+                w.sub_(lr * spec_swan_direction(w.grad))
+        ref_adam.step()
+        opt.zero_grad()
+        ref_model.zero_grad()
+    # The same fp32 operations in a different order differ by an ulp of Δ (|Δ| ≲ 4), which Newton–Schulz can
+    # amplify on ill-conditioned inputs; swan.md §10.3 bounds that at 1e-4 relative, i.e. lr·1e-4 on the weights.
+    for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=lr * 1e-4, msg=name)
+
+
+def test_no_state_on_matrices_and_adamw_state_on_the_rest():
+    model = tiny_llama()
+    opt = memtrain.build_optimizer(model, "swan", lr=1e-3, adam_lr=2e-2)
+    for step in range(3):
+        model(**lm_batch(step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    matrices = hidden_matrices(model)
+    assert all(opt.state[w] == {} for w in matrices)
+    non_matrix = sum(p.numel() for p in model.parameters() if all(p is not w for w in matrices))
+    assert optimizer_state_bytes(opt) == 8 * non_matrix
+    groups = {g["role"]: g for g in opt.param_groups}
+    assert groups["matrix"]["method"] == "swan" and groups["matrix"]["lr"] == 1e-3
+    assert all(groups[r]["method"] == "adamw" and groups[r]["lr"] == 2e-2 for r in ("embedding", "head", "vector"))
+
+
+def test_tied_embedding_gets_adamw():
+    model = tiny_llama(tied=True)
+    opt = memtrain.build_optimizer(model, "swan", lr=1e-3)
+    roles = {g["role"]: g["method"] for g in opt.param_groups}
+    assert roles == {"embedding": "adamw", "vector": "adamw", "matrix": "swan"}
+
+
+def test_conv1d_layout_is_the_transposed_linear_update():
+    torch.manual_seed(0)
+    w, g = torch.randn(24, 40), torch.randn(24, 40)
+    linear = torch.nn.Parameter(w.clone())
+    conv = torch.nn.Parameter(w.T.contiguous())
+    opt = memtrain.build_optimizer([{"params": [linear], "role": "matrix", "layout": "linear"},
+                                    {"params": [conv], "role": "matrix", "layout": "conv1d"}], "swan", lr=0.1)
+    linear.grad, conv.grad = g.clone(), g.T.contiguous()
+    opt.step()
+    # transposed products round differently: compare at swan.md §10.3's 1e-4 relative bound on Δ
+    torch.testing.assert_close(conv.detach().T, linear.detach(), rtol=1e-6, atol=0.1 * 1e-4)
+    torch.testing.assert_close(linear.detach(), w - 0.1 * spec_swan_direction(g), rtol=1e-6, atol=0.1 * 1e-4)
+
+
+def test_options_parse_and_reach_the_groups():
+    opts = memtrain.parse_optim_args("swan", "ns_steps=20,damping=1e-7,fp32_whitening=false,norm_dim=0,adam_lr=0.01")
+    assert opts == {"ns_steps": 20, "damping": 1e-7, "fp32_whitening": False, "norm_dim": 0, "adam_lr": 0.01}
+    opt = memtrain.build_optimizer(tiny_llama(), "swan", lr=1e-3, **opts)
+    matrix = next(g for g in opt.param_groups if g["role"] == "matrix")
+    assert (matrix["ns_steps"], matrix["damping"], matrix["fp32_whitening"], matrix["norm_dim"]) == (20, 1e-7, False, 0)
+    assert memtrain.optim.get_spec("swan").stateless
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"ns_steps": 0}, "ns_steps must be an integer >= 1"),
+    ({"norm_dim": 2}, "norm_dim must be 1"),
+    ({"damping": -1.0}, "damping must be >= 0"),
+    ({"row_eps": 0.0}, "row_eps must be > 0"),
+])
+def test_bad_options_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        memtrain.build_optimizer(tiny_llama(), "swan", lr=1e-3, **bad)
+
+
+def test_bf16_whitening_in_the_gradient_dtype_stays_close_to_fp32():
+    torch.manual_seed(1)
+    start, grad = torch.randn(48, 32).bfloat16(), torch.randn(48, 32).bfloat16()
+    results = []
+    for fp32_whitening in (True, False):
+        p = torch.nn.Parameter(start.clone())
+        opt = memtrain.build_optimizer([p], "swan", lr=1.0, fp32_whitening=fp32_whitening)
+        p.grad = grad.clone()
+        opt.step()
+        results.append((start.float() - p.detach().float()))
+    exact, low = results
+    assert torch.isfinite(low).all()
+    assert ((low - exact).norm() / exact.norm()) < 0.05
+
+
+def test_flattened_matrix_is_refused_with_the_fix():
+    flat = torch.nn.Parameter(torch.randn(64))
+    opt = memtrain.build_optimizer([{"params": [flat], "role": "matrix", "names": ["layers.0.q_proj.weight"]}],
+                                   "swan", lr=1e-3)
+    flat.grad = torch.randn(64)
+    with pytest.raises(RuntimeError, match=r"layers\.0\.q_proj\.weight.*FSDP2"):
+        opt.step()

@@ -1,0 +1,305 @@
+"""The stateless matrix transforms (SWAN, SinkGD, SCALE) against closed forms and fp64, with the matrices and
+tolerances of the Verification sections of specs/swan.md §10, sinkgd.md §10 and scale.md §10.
+
+RMS and Frobenius checks are evaluated in fp64 (specs/README.md §2.3). The fp64 references here are written out
+independently of memtrain's code.
+"""
+import pytest
+import torch
+
+from memtrain.optim.transforms import (
+    adamw_scale_,
+    newton_schulz_inv_sqrt,
+    rms_normalize,
+    sinkhorn,
+    standardize,
+    unit_rms,
+    whiten,
+)
+
+
+# -- the spec's test matrices (swan.md §10), fp32 on CPU ------------------------------------------------------
+def hetero(m, n):
+    torch.manual_seed(0)
+    return torch.randn(m, n) * (torch.rand(m, 1) ** 3 + 1e-3) * (torch.rand(1, n) ** 2 + 1e-3)
+
+
+def lowrank(m, n):
+    torch.manual_seed(1)
+    return torch.randn(m, 8) @ torch.randn(8, n) + 0.1 * torch.randn(m, n)
+
+
+def gauss(m, n):
+    torch.manual_seed(2)
+    return torch.randn(m, n)
+
+
+def swan_direction(g, k=10, damping=1e-6):
+    return unit_rms(whiten(standardize(g), steps=k, damping=damping))
+
+
+def rms(x, dim=None):
+    x = x.double()
+    return x.square().mean().sqrt() if dim is None else x.square().mean(dim=dim).sqrt()
+
+
+def rel_err(actual, ref):
+    return ((actual.double() - ref).norm() / ref.norm()).item()
+
+
+def gradnorm64(g):
+    g = g.double()
+    x = g - g.mean(dim=1, keepdim=True)
+    return x / x.square().mean(dim=1, keepdim=True).sqrt()
+
+
+def rescale64(d):
+    m, n = d.shape
+    return d * (m * n) ** 0.5 / d.norm()
+
+
+def exact_polar(g):
+    """swan.md §10: GradNorm in fp64, SVD, singular values > 1e-10·σ_max, U·Vᵀ rescaled to √(mn)/‖·‖_F."""
+    u, s, vh = torch.linalg.svd(gradnorm64(g), full_matrices=False)
+    keep = s > 1e-10 * s.max()
+    return rescale64(u[:, keep] @ vh[keep])
+
+
+def damped_gram64(x):
+    """A' of swan.md §2.2 in fp64 (right side deflated), and whether the right side is used."""
+    m, n = x.shape
+    right = m >= n
+    a = x.T @ x if right else x @ x.T
+    d = a.shape[0]
+    mu = a.trace() / d
+    extra = mu / d * torch.ones(d, d, dtype=a.dtype) if right else 0
+    return a + extra + 1e-6 * mu * torch.eye(d, dtype=a.dtype), right
+
+
+def same_iteration64(g, k):
+    """The whole SWAN direction with the same k, δ and deflation, evaluated in fp64."""
+    x = gradnorm64(g)
+    a, right = damped_gram64(x)
+    eye = torch.eye(a.shape[0], dtype=torch.float64)
+    y, z = a / a.norm(), eye
+    for _ in range(k):
+        t = 3 * eye - z @ y
+        y, z = 0.5 * y @ t, 0.5 * t @ z
+    return rescale64(x @ z if right else z @ x)
+
+
+def damped_target64(g):
+    """X·(A')^{-1/2} (right) or (A')^{-1/2}·X (left) by fp64 eigh, rescaled: what the iteration converges to."""
+    x = gradnorm64(g)
+    a, right = damped_gram64(x)
+    w, v = torch.linalg.eigh(a)
+    inv_sqrt = (v / w.sqrt()) @ v.T
+    return rescale64(x @ inv_sqrt if right else inv_sqrt @ x)
+
+
+# -- SWAN GradNorm (swan.md §10.1) --------------------------------------------------------------------------
+def test_gradnorm_rows_have_mean_zero_and_unit_population_std():
+    g = hetero(256, 688)
+    x = standardize(g).double()
+    assert x.mean(dim=1).abs().max() < 1e-6
+    std = x.var(dim=1, unbiased=False).sqrt()
+    assert (std - 1).abs().max() < 1e-5
+    assert abs(x.norm().item() / (256 * 688) ** 0.5 - 1) < 1e-6
+
+
+def test_gradnorm_axis_zero_standardises_columns():
+    g = hetero(64, 48)
+    torch.testing.assert_close(standardize(g, dim=0), standardize(g.T.contiguous(), dim=1).T, rtol=1e-6, atol=1e-6)
+    assert standardize(g, dim=0).double().mean(dim=0).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_constant_rows_become_exact_zeros_and_give_a_zero_update(scale):
+    torch.manual_seed(3)
+    g = scale * torch.ones(64, 48) * torch.randn(64, 1)
+    x = standardize(g)
+    assert torch.equal(x, torch.zeros_like(x))
+    delta = swan_direction(g)
+    assert torch.equal(delta, torch.zeros_like(delta))
+
+
+def test_one_constant_row_is_zero_and_the_rest_standardised():
+    g = gauss(16, 40)
+    g[5] = 0.37
+    x = standardize(g)
+    assert torch.equal(x[5], torch.zeros(40))
+    keep = torch.arange(16) != 5
+    assert (rms(x[keep], dim=1) - 1).abs().max() < 1e-5
+
+
+def test_all_zero_gradient_gives_zero_without_nan():
+    for shape in [(32, 24), (24, 32), (16, 16)]:
+        g = torch.zeros(shape)
+        x = standardize(g)
+        white = whiten(x)
+        assert torch.equal(white, torch.zeros(shape))  # the trace-0 guard: no 0/0 inside Newton–Schulz
+        assert torch.equal(unit_rms(white), torch.zeros(shape))
+
+
+# -- SWAN GradWhitening (swan.md §10.2–10.6) ----------------------------------------------------------------
+def test_newton_schulz_inverse_square_root_of_a_well_conditioned_matrix():
+    torch.manual_seed(4)
+    b = torch.randn(24, 24, dtype=torch.float64)
+    a = b @ b.T + 24 * torch.eye(24, dtype=torch.float64)
+    w, v = torch.linalg.eigh(a / a.norm())
+    torch.testing.assert_close(newton_schulz_inv_sqrt(a, 30), (v / w.sqrt()) @ v.T, rtol=1e-10, atol=1e-10)
+
+
+def test_newton_schulz_skipped_products_change_nothing():
+    """The implementation skips the identity products of step 1 and the unused last Y update: bitwise equal to
+    the plain k-step loop."""
+    x = standardize(hetero(96, 40))
+    a = x.T @ x
+    for k in (1, 2, 3, 10):
+        eye = torch.eye(40)
+        y, z = a / torch.linalg.matrix_norm(a), eye
+        for _ in range(k):
+            t = 3 * eye - z @ y
+            y, z = 0.5 * (y @ t), 0.5 * (t @ z)
+        assert torch.equal(newton_schulz_inv_sqrt(a, k), z), k
+
+
+def test_converges_to_the_exact_polar_factor_on_the_wide_heterogeneous_case():
+    g = hetero(256, 688)
+    assert rel_err(swan_direction(g, k=10), exact_polar(g)) < 1e-3  # measured 7.4e-4
+    assert rel_err(swan_direction(g, k=5), exact_polar(g)) > 0.1  # k = 5 is far from whitened (0.27)
+    assert rel_err(swan_direction(gauss(256, 688), k=10), exact_polar(gauss(256, 688))) < 1e-5
+
+
+SHAPES = [(256, 688), (688, 256), (256, 256), (1024, 1024)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("make", [hetero, lowrank])
+def test_fp32_equals_fp64_evaluation_of_the_same_iteration(make, shape):
+    g = make(*shape)
+    assert rel_err(swan_direction(g, k=10), same_iteration64(g, 10)) < 1e-4  # max measured 5.5e-5
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("make", [hetero, lowrank])
+def test_finite_for_every_k_up_to_100(make, shape):
+    """The k-step result is built from the k-th iterate of one deterministic sequence, and a non-finite iterate
+    stays non-finite (inf·0 and inf−inf give NaN), so a finite result at k = 100 covers every k ≤ 100."""
+    assert torch.isfinite(swan_direction(make(*shape), k=100)).all()
+
+
+def test_deflation_is_what_keeps_the_tall_case_from_diverging():
+    """Without the deflation and with δ = 0 the coupled iteration amplifies rounding noise along the all-ones
+    null vector of XᵀX (swan.md §10.4: error 0.14 at k = 30); with them it converges to the damped target."""
+    g = hetero(688, 256)
+    x = standardize(g)
+    bare = unit_rms(whiten(x, steps=30, damping=0.0, centered_dim=None))
+    assert rel_err(bare, exact_polar(g)) > 0.05
+    fixed = unit_rms(whiten(x, steps=30))
+    assert rel_err(fixed, damped_target64(g)) < 2e-4  # measured 9.8e-5
+
+
+def test_converges_to_the_damped_target():
+    assert rel_err(swan_direction(lowrank(688, 256), k=30), damped_target64(lowrank(688, 256))) < 5e-3
+    # square low-rank (256² here; 1024² measured 5.4e-2): an fp32 floor, so only finiteness is asserted
+    assert torch.isfinite(swan_direction(lowrank(256, 256), k=30)).all()
+
+
+def test_left_side_deflates_when_columns_are_centred():
+    """GradNorm over dim 0 centres columns: 1ₘ is then a null vector of XXᵀ, so the left side (and square
+    matrices) take the deflated left Gram; the result is the transpose of the row-wise case, evaluated in fp64."""
+    for shape in [(48, 80), (80, 48), (64, 64)]:
+        g = hetero(*shape)
+        cols = unit_rms(whiten(standardize(g, dim=0), centered_dim=0, steps=10))
+        assert rel_err(cols, same_iteration64(g.T.contiguous(), 10).T) < 1e-4, shape  # measured ≤ 4.1e-6
+
+
+def test_unit_rms_and_scale_invariance():
+    g = hetero(256, 688)
+    delta = swan_direction(g)
+    assert abs(rms(delta).item() - 1) < 1e-6
+    for c in (1e-3, 1e3):
+        assert rel_err(swan_direction(c * g), delta.double()) < 1e-5  # measured 7.7e-7
+
+
+def test_unit_rms_rescales_and_keeps_zero():
+    torch.manual_seed(5)
+    d = 3.7 * torch.randn(300, 700)
+    assert abs(rms(unit_rms(d)).item() - 1) < 1e-6
+    assert torch.equal(unit_rms(torch.zeros(3, 4)), torch.zeros(3, 4))
+
+
+# -- SinkGD (sinkgd.md §10) ---------------------------------------------------------------------------------
+def test_sinkhorn_fixed_point_at_five_iterations():
+    x = sinkhorn(hetero(256, 688), iterations=5)
+    assert (rms(x, dim=1) - 1).abs().max() < 1e-3
+    assert (rms(x, dim=0) - 1).abs().max() < 1e-6
+    assert abs(rms(x).item() - 1) < 1e-6
+
+
+def test_sinkhorn_normalises_rows_first():
+    row_rms = rms(sinkhorn(hetero(256, 688), iterations=1), dim=1)
+    assert abs(row_rms.min().item() - 0.917540) < 1e-4 and abs(row_rms.max().item() - 1.092554) < 1e-4
+
+
+def test_sinkhorn_equals_the_closed_form_alternation():
+    g = gauss(20, 30).double()
+    x = g
+    for _ in range(3):
+        x = x * 30**0.5 / x.norm(dim=1, keepdim=True)  # P_row: every row ℓ2 norm √n
+        x = x * 20**0.5 / x.norm(dim=0, keepdim=True)  # P_col: every column ℓ2 norm √m
+    torch.testing.assert_close(sinkhorn(g.float(), iterations=3).double(), x, rtol=1e-5, atol=1e-6)
+
+
+def test_sinkhorn_scale_invariance():
+    g = hetero(256, 688)
+    ref = sinkhorn(g)
+    for c in (1e-3, 1e3):
+        assert (sinkhorn(c * g) - ref).abs().max() < 2e-6
+
+
+def test_sinkhorn_keeps_zero_rows_and_columns():
+    g = gauss(12, 9)
+    g[4] = 0
+    g[:, 7] = 0
+    x = sinkhorn(g)
+    assert torch.isfinite(x).all()
+    assert torch.equal(x[4], torch.zeros(9)) and torch.equal(x[:, 7], torch.zeros(12))
+    assert torch.equal(sinkhorn(torch.zeros(5, 6)), torch.zeros(5, 6))
+
+
+# -- SCALE (scale.md §10.1, §10.5) --------------------------------------------------------------------------
+def test_rms_normalize_rows_and_columns():
+    g = hetero(256, 688)
+    rows = rms_normalize(g, dim=1)
+    assert (rms(rows, dim=1) - 1).abs().max() < 1e-6 and abs(rms(rows).item() - 1) < 1e-6
+    cols = rms_normalize(g, dim=0)
+    assert (rms(cols, dim=0) - 1).abs().max() < 1e-6 and abs(rms(cols).item() - 1) < 1e-6
+    ref = g.double() / g.double().square().mean(dim=1, keepdim=True).sqrt()
+    torch.testing.assert_close(rows.double(), ref, rtol=1e-6, atol=1e-7)
+    for c in (1e-3, 1e3):
+        for dim, out in ((1, rows), (0, cols)):
+            assert rel_err(rms_normalize(c * g, dim=dim), out.double()) < 1e-6
+
+
+def test_rms_normalize_keeps_zero_rows():
+    g = gauss(4, 6)
+    g[2] = 0
+    out = rms_normalize(g, dim=1)
+    assert torch.equal(out[2], torch.zeros(6)) and torch.isfinite(out).all()
+
+
+def test_adamw_scale_matches_the_written_out_formula():
+    torch.manual_seed(6)
+    p0, grads = torch.randn(10), [torch.randn(10) for _ in range(3)]
+    p, m, v = p0.clone(), torch.zeros(10), torch.zeros(10)
+    rp, rm, rv = p0.double(), torch.zeros(10, dtype=torch.float64), torch.zeros(10, dtype=torch.float64)
+    lr, b1, b2, eps, wd = 2e-2, 0.9, 0.999, 1e-8, 0.1
+    for t, g in enumerate(grads, 1):
+        adamw_scale_(p, g, m, v, step=t, lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd)
+        rm = b1 * rm + (1 - b1) * g.double()
+        rv = b2 * rv + (1 - b2) * g.double() ** 2
+        rp = rp * (1 - lr * wd)  # decay before the update
+        rp = rp - lr * ((1 - b2**t) ** 0.5 / (1 - b1**t)) * rm / (eps + rv.sqrt())  # ε on the uncorrected sqrt
+    torch.testing.assert_close(p.double(), rp, rtol=1e-6, atol=1e-7)
