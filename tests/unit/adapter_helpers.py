@@ -30,7 +30,7 @@ def train_steps(model, opt, start: int, n: int, fixed_batch: bool = False) -> li
     return losses
 
 
-def assert_resume_exact(adapter: str, k: int = 3, j: int = 3, dtype=torch.float32, **options):
+def assert_resume_exact(adapter: str, k: int = 2, j: int = 2, dtype=torch.float32, **options):
     """k steps, save model + optimizer, fresh model and optimizer, load (weights_only), j steps == k+j steps."""
     module_opts = {o: options.pop(o) for o in list(options) if o in adapters.MODULE_OPTIONS.get(adapter, ())}
 
