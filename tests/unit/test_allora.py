@@ -98,6 +98,7 @@ def test_rho_is_fresh_after_an_optimizer_step():
     assert not torch.allclose(c1, c2)
 
 
+@pytest.mark.filterwarnings("ignore:.*lora_bias=True")
 def test_config_and_module_guards():
     with pytest.raises(ValueError, match="lora_alpha=8.*must equal r=4"):
         allora_config(base=LoraConfig(r=4, lora_alpha=8, target_modules=["lin"]))

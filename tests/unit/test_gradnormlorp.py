@@ -146,7 +146,7 @@ def test_projected_optimizer_equals_independent_math():
         expected = independent_projected_adam(p0, grads, lr, 4, gap, alpha, wd=wd)
         torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=1e-5)
     # the magnitude: AdamW-HF, no projection, no α
-    gm = g.detach().new_tensor(start[2])
+    gm = start[2].clone()
     mom = var = torch.zeros_like(gm)
     for t, grad in enumerate(history[2], 1):
         mom = 0.9 * mom + 0.1 * grad
