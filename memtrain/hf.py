@@ -138,6 +138,7 @@ class ReportCallback(TrainerCallback):
         self.write_on_train_end = write_on_train_end
         self.local_tokens = 0  # counted by memtrain's Trainer; summed across ranks at the end
         self.eval_metrics: dict[str, float] = {}
+        self.eval_history: list[dict[str, float]] = []  # (step, loss, perplexity) of every evaluation
         self.eval_seconds = 0.0
         self.train_seconds = 0.0
         self.optimizer = None
@@ -159,6 +160,9 @@ class ReportCallback(TrainerCallback):
         if metrics:
             self.eval_metrics = dict(metrics)
             self.eval_seconds += float(metrics.get("eval_runtime", 0.0))
+            if "eval_loss" in metrics:
+                self.eval_history.append({"step": state.global_step, "loss": metrics["eval_loss"],
+                                          "perplexity": metrics.get("eval_perplexity")})
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.train_seconds = time.perf_counter() - self._start - self.eval_seconds
@@ -199,6 +203,7 @@ class ReportCallback(TrainerCallback):
             "eval_loss": self.eval_metrics.get("eval_loss"),
             "eval_perplexity": self.eval_metrics.get("eval_perplexity"),
             "eval_tokens": self.eval_metrics.get("eval_tokens"),
+            "eval_history": self.eval_history,
             "world_size": args.world_size,
             "device": str(args.device),
         }

@@ -1,0 +1,75 @@
+"""scripts/pretrain.py end to end (plain python, config file, accelerate launch) and scripts/benchmark.py."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memtrain.benchmark import Entry, summarize
+
+REPO = Path(__file__).resolve().parents[2]
+QUICK = ["--max_steps", "4", "--max_train_samples", "64", "--max_eval_samples", "8", "--logging_steps", "2",
+         "--per_device_train_batch_size", "4", "--save_final_model", "false", "--disable_tqdm", "true"]
+
+
+def run(cmd, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300, **kw)
+    return proc
+
+
+def test_pretrain_runs_end_to_end_and_writes_report(tmp_path):
+    proc = run([sys.executable, "scripts/pretrain.py", "--optim", "adamw", "--output_dir", str(tmp_path), *QUICK])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["optimizer"] == "adamw" and report["global_steps"] == 4
+    assert report["optimizer_state_bytes"] == 8 * report["trainable_parameters"]
+    assert report["train_tokens"] == 4 * 4 * 128
+    assert report["eval_tokens"] == 8 * 127
+    assert report["eval_perplexity"] > 1 and report["tokens_per_second"] > 0
+    assert "memtrain report" in proc.stdout and "token-weighted" in proc.stdout
+
+
+def test_config_file_with_flag_override(tmp_path):
+    proc = run([sys.executable, "scripts/pretrain.py", "configs/pretrain/tiny.yaml", "--output_dir", str(tmp_path),
+                *QUICK, "--max_steps", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["global_steps"] == 2 and report["learning_rate"] == 0.001
+
+
+def test_accelerate_launch(tmp_path):
+    proc = run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+                "scripts/pretrain.py", "--optim", "adamw", "--output_dir", str(tmp_path), *QUICK])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "report.json").read_text())["global_steps"] == 4
+
+
+def test_unknown_optimizer_and_config_key_fail_clearly(tmp_path):
+    proc = run([sys.executable, "scripts/pretrain.py", "--optim", "adamz", "--output_dir", str(tmp_path)])
+    assert proc.returncode != 0 and "unknown optimizer 'adamz'" in proc.stderr and "adamw_torch" in proc.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: adamw\nlearning_rte: 0.1\n")
+    proc = run([sys.executable, "scripts/pretrain.py", str(bad)])
+    assert proc.returncode != 0 and "learning_rte" in proc.stderr
+
+
+def test_list_optimizers():
+    proc = run([sys.executable, "scripts/pretrain.py", "--list_optimizers"])
+    assert proc.returncode == 0 and "adamw" in proc.stdout and "baseline" in proc.stdout
+
+
+def test_benchmark_entries_and_summary():
+    e = Entry.parse("galore:rank=32,update_proj_gap=50@0.01")
+    assert (e.optim, e.optim_args, e.lr) == ("galore", "rank=32,update_proj_gap=50", 0.01)
+    assert Entry.parse("adamw") == Entry("adamw", "adamw", "", None)
+    with pytest.raises(ValueError, match="learning rate"):
+        Entry.parse("adamw@fast")
+    rep = lambda ppl, tps: {"eval_perplexity": ppl, "tokens_per_second": tps, "optimizer_state_bytes": 8,
+                            "optimizer_state_bytes_per_trainable_parameter": 8.0, "peak_memory_bytes": 2**20,
+                            "peak_memory_kind": "cpu_peak_rss"}
+    rows = summarize({"adamw": [rep(10.0, 100.0), rep(12.0, 100.0)], "x": [rep(11.0, 50.0), rep(11.0, 50.0)]})
+    assert rows[0]["eval_ppl"] == 11.0 and rows[1]["ppl_vs_adamw_pct"] == 0.0
+    assert rows[1]["tokens_per_s_vs_adamw"] == 0.5
