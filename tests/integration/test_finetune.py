@@ -80,3 +80,18 @@ def test_peft_config_file_and_bad_input(workdir, tmp_path):
         finetune(workdir, tmp_path / "bad", "allora", "--peft_config", str(config))
     with pytest.raises(ValueError, match="unknown option 'rank' for adapter lorapro"):
         finetune(workdir, tmp_path / "bad", "lorapro", "--adapter_args", "rank=3")
+
+
+@pytest.mark.parametrize("adapter", ["lora", "gradnormlorp", "lorapro", "allora"])
+def test_trainer_resume_from_checkpoint_is_exact(workdir, tmp_path, adapter):
+    """HF checkpoint (adapter weights + optimizer.pt) → resume → the same final adapter, bit for bit."""
+    from safetensors.torch import load_file
+
+    quick = ["--max_steps", "4", "--eval_before_training", "false", "--final_eval", "false", "--adapter_args",
+             "update_proj_gap=2" if adapter == "gradnormlorp" else ""]
+    finetune(workdir, tmp_path / "a", adapter, *quick, "--save_strategy", "steps", "--save_steps", "2")
+    finetune(workdir, tmp_path / "b", adapter, *quick, "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-2"))
+    full, resumed = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("a", "b"))
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key

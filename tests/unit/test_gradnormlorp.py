@@ -197,4 +197,4 @@ def test_trains_merges_and_round_trips_also_as_vanilla_dora(tmp_path):
 
 def test_resume_is_exact():
     assert_resume_exact("gradnormlorp")
-    assert_resume_exact("gradnormlorp", dtype=torch.bfloat16)
+    assert_resume_exact("gradnormlorp", j=1, dtype=torch.bfloat16)

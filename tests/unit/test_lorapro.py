@@ -165,7 +165,7 @@ def test_lorapro_step_is_closer_to_full_finetuning_than_plain_lora_on_a_peft_mod
 def test_b_zero_init_stays_finite_and_trains():
     model = peft_tiny("lorapro")
     opt = adapters.create_optimizer("lorapro", model, lr=5e-3)
-    losses = train_steps(model, opt, 0, 10, fixed_batch=True)
+    losses = train_steps(model, opt, 0, 6, fixed_batch=True)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert sum(losses[-3:]) < sum(losses[:3])
 
@@ -246,7 +246,7 @@ def test_resume_is_exact(mode):
 
 
 def test_resume_is_exact_bf16_with_fp32_moments():
-    assert_resume_exact("lorapro", dtype=torch.bfloat16)
+    assert_resume_exact("lorapro", j=1, dtype=torch.bfloat16)
 
 
 def test_merged_model_equals_adapter_model():
