@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..optim.base import FALLBACK, _check_betas, _check_hyper, fp32_view
-from ..optim.transforms import adam_direction_, lorapro_adjust
+from ..optim.transforms import adam_direction_, lorapro_adjust, lorapro_eigh, lorapro_grams
 from .common import (build_adapter_optimizer, fallback_update_without_decay, lora_layers, make_pair,
                      named_adapter_tensors, pair_group, plain_pair_problem, tensor_group)
 
@@ -47,14 +47,30 @@ class LoRAProMixin:
                 loss = closure()
         for group in self.param_groups:
             if group.get("adapter") == METHOD:
-                for index_a, index_b, scaling in group.get("lora_pairs") or ():
-                    self._pair_step(group, group["params"][index_a], group["params"][index_b], scaling, index_a)
+                self._group_step(group)
         super().step()
         return loss
 
-    def _pair_step(self, group: dict, A: nn.Parameter, B: nn.Parameter, scaling: float, index_a: int) -> None:
-        if A.grad is None and B.grad is None:
-            return  # skipped entirely (specs/README.md §2.6)
+    def _group_step(self, group: dict) -> None:
+        pairs = [(group["params"][ia], group["params"][ib], s, ia) for ia, ib, s in group.get("lora_pairs") or ()]
+        pairs = [p for p in pairs if p[0].grad is not None or p[1].grad is not None]  # else skipped (README §2.6)
+        for A, B, _, index_a in pairs:
+            self._check_pair(group, A, B, index_a)
+        # One batched fp64 eigh of all pairs' r×r Grams per rank r (spec §6: not ~4 tiny calls per pair); each
+        # decomposition serves both adjustments of the pair's step.
+        eigs: dict[int, tuple] = {}
+        by_rank: dict[int, list[int]] = {}
+        for i, (A, _, _, _) in enumerate(pairs):
+            by_rank.setdefault(A.shape[0], []).append(i)
+        for members in by_rank.values():
+            grams = [lorapro_grams(pairs[i][0].detach(), pairs[i][1].detach()) for i in members]
+            batched = lorapro_eigh(torch.stack([g[0] for g in grams]), torch.stack([g[1] for g in grams]))
+            for k, i in enumerate(members):
+                eigs[i] = tuple(t[k] for t in batched)
+        for i, (A, B, scaling, index_a) in enumerate(pairs):
+            self._pair_step(group, A, B, scaling, eigs[i])
+
+    def _check_pair(self, group: dict, A: nn.Parameter, B: nn.Parameter, index_a: int) -> None:
         if A.dim() != 2 or B.dim() != 2:
             raise RuntimeError(
                 f"lorapro: the LoRA factors of {group['names'][index_a]!r} arrived flattened ({A.dim()}-D/{B.dim()}-D); "
@@ -65,12 +81,14 @@ class LoRAProMixin:
             if p.grad is None:  # abnormal for a plain LoRA layer: treat as zeros, say so once
                 _warn_once(f"lorapro: {group['names'][index_a]!r}: one LoRA factor has no gradient; using zeros")
                 p.grad = torch.zeros_like(p)
+
+    def _pair_step(self, group: dict, A: nn.Parameter, B: nn.Parameter, scaling: float, eig: tuple) -> None:
         A32, B32 = A.detach().float(), B.detach().float()
         grad_a, grad_b = A.grad.float(), B.grad.float()
         delta, lr, wd = group["lorapro_delta"], group["lr"], group["weight_decay"]
         sylvester = group["lorapro_x_mode"] == "sylvester"
         if group["lorapro_mode"] == "full":
-            h_a, h_b = lorapro_adjust(A32, B32, grad_a, grad_b, scaling=scaling, delta=delta, sylvester=False)
+            h_a, h_b = lorapro_adjust(A32, B32, grad_a, grad_b, scaling=scaling, delta=delta, sylvester=False, eig=eig)
             g_full = (B32 @ h_a).add_(h_b @ A32).mul_(scaling)  # the equivalent full gradient, [m, n]
             state = self.state[A]
             if not state:
@@ -82,7 +100,7 @@ class LoRAProMixin:
             u = adam_direction_(state["exp_avg"], state["exp_avg_sq"], g_full, step=state["step"], beta1=beta1,
                                 beta2=beta2, eps=group["eps"])
             d_a, d_b = lorapro_adjust(A32, B32, scaling * (B32.T @ u), scaling * (u @ A32.T), scaling=scaling,
-                                      delta=delta, sylvester=sylvester)
+                                      delta=delta, sylvester=sylvester, eig=eig)
             with fp32_view(A) as a, fp32_view(B) as b:
                 if wd != 0:
                     a.mul_(math.sqrt(1 - lr * wd))
@@ -90,7 +108,8 @@ class LoRAProMixin:
                 a.add_(d_a, alpha=-lr)
                 b.add_(d_b, alpha=-lr)
         else:  # efficient: adjusted gradients, then AdamW-T (without its own decay) in the base loop
-            h_a, h_b = lorapro_adjust(A32, B32, grad_a, grad_b, scaling=scaling, delta=delta, sylvester=sylvester)
+            h_a, h_b = lorapro_adjust(A32, B32, grad_a, grad_b, scaling=scaling, delta=delta, sylvester=sylvester,
+                                      eig=eig)
             if wd != 0:
                 with fp32_view(A) as a, fp32_view(B) as b:
                     a.mul_(math.sqrt(1 - lr * wd))

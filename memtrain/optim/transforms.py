@@ -40,8 +40,22 @@ def adamw_t_(
 
 
 # -- low-rank adapters (LoRA-Pro, ALLoRA, GradNormLoRP) --
+def lorapro_grams(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """The fp64 r×r Grams ``BᵀB`` and ``AAᵀ`` of a LoRA pair."""
+    A64, B64 = A.double(), B.double()
+    return B64.T @ B64, A64 @ A64.T
+
+
+def lorapro_eigh(gram_b: Tensor, gram_a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(e_B, Q_B, e_A, Q_A)``: eigendecompositions of the Grams (batched over leading dims), eigenvalues clamped
+    at 0 (rounding can make them slightly negative)."""
+    eb, qb = torch.linalg.eigh(gram_b)
+    ea, qa = torch.linalg.eigh(gram_a)
+    return eb.clamp_min(0), qb, ea.clamp_min(0), qa
+
+
 def lorapro_adjust(A: Tensor, B: Tensor, a: Tensor, b: Tensor, *, scaling: float, delta: float,
-                   sylvester: bool) -> tuple[Tensor, Tensor]:
+                   sylvester: bool, eig: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """LoRA-Pro's closed-form adjusted factor gradients (specs/lorapro.md §2.1).
 
     ``A [r, n]``, ``B [m, r]``, and a consistent gradient-like pair ``a [r, n]``, ``b [m, r]`` (true LoRA
@@ -49,21 +63,19 @@ def lorapro_adjust(A: Tensor, B: Tensor, a: Tensor, b: Tensor, *, scaling: float
     G onto the tangent space of the rank-r manifold at BA. With ``sylvester`` the free r×r matrix X is the one
     that keeps (h_A, h_B) closest to (a, b); otherwise X = 0. Every r×r quantity is formed and solved in fp64
     (fp32 Grams of ill-conditioned factors are not numerically SPD); only the r×n and m×r products run in the
-    factors' dtype. The m×m projector is never formed.
+    factors' dtype. The m×m projector is never formed. ``eig``: ``lorapro_eigh(*lorapro_grams(A, B))``, if known
+    (it depends on A and B only, so one decomposition serves both adjustments of a step, and can be batched).
     """
     dtype = A.dtype
-    A64, B64 = A.double(), B.double()
-    eb, qb = torch.linalg.eigh(B64.T @ B64)
-    ea, qa = torch.linalg.eigh(A64 @ A64.T)
-    eb, ea = eb.clamp_min(0), ea.clamp_min(0)  # rounding can give tiny negative eigenvalues
+    eb, qb, ea, qa = eig if eig is not None else lorapro_eigh(*lorapro_grams(A, B))
     b_inv = (qb / (eb + delta)) @ qb.T  # (BᵀB + δI)⁻¹
     a_inv = (qa / (ea + delta)) @ qa.T  # (AAᵀ + δI)⁻¹
     inv_s2 = 1.0 / scaling**2
     h_a = inv_s2 * (b_inv.to(dtype) @ a)
-    b_perp = b - B @ (b_inv @ (B64.T @ b.double())).to(dtype)  # (I − P_B) b
+    b_perp = b - B @ (b_inv @ (B.double().T @ b.double())).to(dtype)  # (I − P_B) b
     h_b = inv_s2 * (b_perp @ a_inv.to(dtype))
     if sylvester:
-        c = -inv_s2 * (b_inv @ (a.double() @ A64.T))
+        c = -inv_s2 * (b_inv @ (a.double() @ A.double().T))
         # (BᵀB) X + X (AAᵀ) = C, diagonalised by the two eigenbases.
         x = qb @ ((qb.T @ c @ qa) / (eb[:, None] + ea[None, :]).clamp_min(1e-30)) @ qa.T
         x = x.to(dtype)
