@@ -254,3 +254,22 @@ def test_merged_model_equals_adapter_model():
     opt = adapters.create_optimizer("lorapro", model, lr=1e-2)
     train_steps(model, opt, 0, 3)
     assert_merge_matches(model)
+
+
+@pytest.mark.parametrize("adapter", ["lorapro", "allora", "gradnormlorp"])
+def test_trainer_factory_route_uses_the_given_lr_and_weight_decay(tmp_path, adapter):
+    """specs/lorapro.md §10.9: HF Trainer calls the factory with the model only, so lr/wd are explicit."""
+    import functools
+
+    from memtrain import Trainer, TrainingArguments
+    from memtrain.adapters import AdapterFactory
+
+    args = TrainingArguments(str(tmp_path), learning_rate=5e-4, weight_decay=0.1, max_steps=1, use_cpu=True,
+                             report_to="none")
+    kwargs = {"create": functools.partial(adapters.create_optimizer, adapter), "optim": "adamw",
+              "lr": args.learning_rate, "weight_decay": args.weight_decay}
+    trainer = Trainer(model=peft_tiny(adapter), args=args, optimizer_cls_and_kwargs=(AdapterFactory, kwargs))
+    trainer.create_optimizer()
+    groups = trainer.optimizer.param_groups
+    assert groups and all(g["lr"] == 5e-4 and g["weight_decay"] == 0.1 for g in groups)
+    assert all(g["role"] == "lora" for g in groups)  # the factors left memtrain's `matrix` routing
