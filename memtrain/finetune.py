@@ -24,7 +24,7 @@ from transformers import default_data_collator
 
 from . import adapters
 from . import data as data_lib
-from .hf import Trainer, TrainingArguments, _optim_name
+from .hf import Trainer, TrainingArguments, _optim_name, optimizer_kwargs_from_args
 from .models import build_model
 from .optim import registry
 from .pretrain import DTYPES
@@ -117,13 +117,14 @@ def load_lora_config(fargs: FinetuneArguments):
 
 
 def _adapter_factory_kwargs(fargs: FinetuneArguments, args: TrainingArguments, options: dict) -> dict:
-    optim = _optim_name(args.optim)
-    if not registry.get_spec(optim):  # raises with the known names
-        raise ValueError(optim)
-    kwargs = {"create": functools.partial(adapters.create_optimizer, fargs.adapter), "optim": optim,
-              "lr": args.learning_rate, "weight_decay": args.weight_decay, "optim_args": args.optim_args, **options}
-    if fargs.adapter != "lora":  # the adapter's own Adam on its tensors takes TrainingArguments' betas
-        kwargs["betas"] = (args.adam_beta1, args.adam_beta2)
+    """What HF Trainer passes to ``AdapterFactory``: lr and weight decay explicitly (it passes neither itself)."""
+    kwargs = {"create": functools.partial(adapters.create_optimizer, fargs.adapter), "optim": _optim_name(args.optim),
+              **options}
+    if fargs.adapter == "lora":  # plain LoRA: exactly what memtrain's Trainer builds for --optim
+        kwargs.update(optimizer_kwargs_from_args(args))
+    else:  # the adapter's own Adam on its tensors takes TrainingArguments' betas; optim_args go to --optim
+        kwargs.update(lr=args.learning_rate, weight_decay=args.weight_decay, optim_args=args.optim_args,
+                      betas=(args.adam_beta1, args.adam_beta2))
     return kwargs
 
 
@@ -133,7 +134,7 @@ def run(fargs: FinetuneArguments, args: TrainingArguments) -> dict:
                          "save_pretrained")
     if fargs.adapter not in ADAPTER_CHOICES:
         raise ValueError(f"--adapter must be one of {', '.join(ADAPTER_CHOICES)}, got {fargs.adapter!r}")
-    if fargs.adapter != "full" and not registry.optimizer_names().count(_optim_name(args.optim)):
+    if fargs.adapter != "full" and _optim_name(args.optim) not in registry.optimizer_names():
         raise ValueError(f"--optim {_optim_name(args.optim)!r}: adapters need a memtrain optimizer; choose one of "
                          f"{', '.join(registry.optimizer_names())}")
     options = adapters.parse_adapter_args(fargs.adapter, fargs.adapter_args) if fargs.adapter != "full" else {}
@@ -256,8 +257,9 @@ def format_table(rows: list[dict], fargs: FinetuneArguments, args: TrainingArgum
         "# Fine-tuning benchmark",
         "",
         f"Base model `{fargs.model_name_or_path}`, data `{fargs.dataset}` (seq_len {fargs.seq_len}), "
-        f"{args.max_steps} steps × {args.per_device_train_batch_size} sequences, optimizer `{_optim_name(args.optim)}` "
-        f"for every trainable tensor the adapter does not manage, seed {args.seed}, device {first.get('device')}. "
+        f"{args.max_steps} steps × {args.per_device_train_batch_size} sequences, equal for every entry; `--optim "
+        f"{_optim_name(args.optim)}` (plain LoRA and full fine-tuning: on every trainable tensor; the three methods: "
+        f"their own Adam on the adapter tensors), seed {args.seed}, device {first.get('device')}. "
         f"LoRA r = {fargs.lora_r}, alpha = {fargs.lora_alpha or 2 * fargs.lora_r} (ALLoRA: alpha = r), targets {fargs.target_modules}. "
         "Eval perplexity is token-weighted over the held-out split. Peak memory is "
         f"{first.get('peak_memory_kind')} of each run's own process.",
