@@ -1,0 +1,271 @@
+"""The fine-tuning job behind ``scripts/finetune.py``: a local causal LM (e.g. saved by ``scripts/pretrain.py``)
+fine-tuned on a local text dataset with a PEFT LoRA adapter (``lora``, ``gradnormlorp``, ``lorapro``,
+``allora``) or fully (``full``), with any registered memtrain optimizer for the trainable parameters. It ends
+with pretrain's run report plus the adapter's numbers, saves the adapter in PEFT's format, and with ``--merge``
+also a plain merged model that loads with ``from_pretrained``.
+
+``benchmark()`` runs several entries through this job (one process each, so peak memory is per run) and
+writes a markdown table.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import default_data_collator
+
+from . import adapters
+from . import data as data_lib
+from .hf import Trainer, TrainingArguments, _optim_name, optimizer_kwargs_from_args
+from .models import build_model
+from .optim import registry
+from .pretrain import DTYPES
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CHOICES = (*adapters.ADAPTERS, "full")
+RUN_CONFIG = "memtrain_adapter.json"  # adapter name and method options (LoraConfig cannot carry them)
+
+
+@dataclass
+class FinetuneArguments:
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Directory of a local causal LM saved with save_pretrained (e.g. by scripts/pretrain.py)."})
+    adapter: str = field(default="lora", metadata={
+        "help": "lora, gradnormlorp, lorapro, allora, or full (no adapter: full fine-tuning).",
+        "choices": list(ADAPTER_CHOICES)})
+    adapter_args: str | None = field(default=None, metadata={
+        "help": "Method options 'k=v,k=v': lorapro mode, x_mode, delta, other_lora_layers; allora eta, "
+                "norm_target, norm_power; gradnormlorp detach_norm, proj_rank, update_proj_gap, proj_scale."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: int | None = field(default=None, metadata={
+        "help": "LoRA alpha. Default 2·r; ALLoRA uses alpha = r (no α/r scaling) and rejects any other value."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (ALLoRA requires 0)."})
+    target_modules: str = field(default="all-linear", metadata={
+        "help": "Comma-separated module names to adapt, or 'all-linear'."})
+    peft_config: str | None = field(default=None, metadata={
+        "help": "A JSON file holding a LoraConfig; replaces --lora_r/--lora_alpha/--lora_dropout/--target_modules."})
+    merge: bool = field(default=False, metadata={
+        "help": "Also write the adapter merged into the base weights to output_dir/merged (a plain model)."})
+    model_dtype: str = field(default="float32", metadata={"help": "Dtype of the loaded model.",
+                                                           "choices": list(DTYPES)})
+    dataset: str = field(default=data_lib.EMBEDDED_DATASET, metadata={
+        "help": "A local .txt/.jsonl file or directory, a saved datasets directory, or 'shakespeare'."})
+    text_column: str = field(default="text", metadata={"help": "Text field of .jsonl / datasets inputs."})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "Directory of the tokenizer. Default: the model's directory."})
+    seq_len: int = field(default=128, metadata={"help": "Tokens per training/eval block."})
+    val_fraction: float = field(default=0.05, metadata={"help": "Fraction of documents held out for eval."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training blocks."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval blocks."})
+    eval_before_training: bool = field(default=True, metadata={
+        "help": "Evaluate before fine-tuning too (report: eval_perplexity_before)."})
+    benchmark: list[str] = field(default_factory=list, metadata={
+        "help": "Benchmark mode: entries 'adapter[:adapter_args][@lr]' (e.g. lora lorapro:mode=efficient "
+                "full@1e-4), each run through this script with the other flags; writes --benchmark_out."})
+    benchmark_out: str = field(default="docs/benchmarks/finetune.md", metadata={
+        "help": "Markdown file written in benchmark mode."})
+    list_optimizers: bool = field(default=False, metadata={"help": "Print the registered optimizers and exit."})
+
+
+FINETUNE_DEFAULTS = {
+    "output_dir": "out/finetune",
+    "optim": "adamw",
+    "learning_rate": 1e-3,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.05,
+    "max_steps": 200,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 32,
+    "logging_steps": 25,
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "seed": 42,
+    "use_cpu": not torch.cuda.is_available(),
+    "report_to": "none",
+}
+
+
+def load_lora_config(fargs: FinetuneArguments):
+    """The user's LoraConfig (``--peft_config``) or one built from the flags; task type causal LM."""
+    from peft import LoraConfig
+
+    if fargs.peft_config:
+        path = Path(fargs.peft_config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--peft_config {str(path)!r} does not exist")
+        fields = json.loads(path.read_text())
+        if fields.pop("peft_type", "LORA") != "LORA":
+            raise ValueError(f"--peft_config {str(path)!r} must hold a LoraConfig (peft_type LORA)")
+        fields.setdefault("task_type", "CAUSAL_LM")
+        return LoraConfig(**fields)
+    targets = fargs.target_modules
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    alpha = fargs.lora_alpha
+    if alpha is None:
+        alpha = fargs.lora_r if fargs.adapter == "allora" else 2 * fargs.lora_r
+    return LoraConfig(r=fargs.lora_r, lora_alpha=alpha, lora_dropout=fargs.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+
+
+def _adapter_factory_kwargs(fargs: FinetuneArguments, args: TrainingArguments, options: dict) -> dict:
+    """What HF Trainer passes to ``AdapterFactory``: lr and weight decay explicitly (it passes neither itself)."""
+    kwargs = {"create": functools.partial(adapters.create_optimizer, fargs.adapter), "optim": _optim_name(args.optim),
+              **options}
+    if fargs.adapter == "lora":  # plain LoRA: exactly what memtrain's Trainer builds for --optim
+        kwargs.update(optimizer_kwargs_from_args(args))
+    else:  # the adapter's own Adam on its tensors takes TrainingArguments' betas; optim_args go to --optim
+        kwargs.update(lr=args.learning_rate, weight_decay=args.weight_decay, optim_args=args.optim_args,
+                      betas=(args.adam_beta1, args.adam_beta2))
+    return kwargs
+
+
+def run(fargs: FinetuneArguments, args: TrainingArguments) -> dict:
+    if not fargs.model_name_or_path:
+        raise ValueError("--model_name_or_path is required: a directory saved by scripts/pretrain.py or "
+                         "save_pretrained")
+    if fargs.adapter not in ADAPTER_CHOICES:
+        raise ValueError(f"--adapter must be one of {', '.join(ADAPTER_CHOICES)}, got {fargs.adapter!r}")
+    if fargs.adapter != "full" and _optim_name(args.optim) not in registry.optimizer_names():
+        raise ValueError(f"--optim {_optim_name(args.optim)!r}: adapters need a memtrain optimizer; choose one of "
+                         f"{', '.join(registry.optimizer_names())}")
+    options = adapters.parse_adapter_args(fargs.adapter, fargs.adapter_args) if fargs.adapter != "full" else {}
+    transformers.set_seed(args.seed)
+    with args.main_process_first(desc="dataset cache"):
+        lm = data_lib.build_lm_data(
+            fargs.dataset, tokenizer=fargs.tokenizer or fargs.model_name_or_path, seq_len=fargs.seq_len,
+            val_fraction=fargs.val_fraction, max_train_samples=fargs.max_train_samples,
+            max_eval_samples=fargs.max_eval_samples, text_column=fargs.text_column,
+        )
+    logger.info("data: %s", lm.summary())
+    model = build_model(fargs.model_name_or_path, vocab_size=len(lm.tokenizer), dtype=DTYPES[fargs.model_dtype])
+    factory = None
+    if fargs.adapter != "full":
+        config = adapters.lora_config(fargs.adapter, base=load_lora_config(fargs), **options)
+        model = adapters.wrap(model, fargs.adapter, config)
+        factory = (adapters.AdapterFactory, _adapter_factory_kwargs(fargs, args, options))
+    trainer = Trainer(model=model, args=args, train_dataset=lm.train, eval_dataset=lm.eval,
+                      data_collator=default_data_collator, processing_class=lm.tokenizer,
+                      optimizer_cls_and_kwargs=factory)
+    before = trainer.evaluate() if fargs.eval_before_training and len(lm.eval) else {}
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    report = dict(trainer.report_callback.last_report or {})
+    out = Path(args.output_dir)
+    if trainer.is_world_process_zero():
+        trainer.save_model(args.output_dir)  # PEFT models save adapter_config.json + adapter_model.safetensors
+        report.update(adapter=fargs.adapter, adapter_args=options, eval_perplexity_before=before.get("eval_perplexity"),
+                      eval_loss_before=before.get("eval_loss"))
+        if fargs.adapter != "full":
+            (out / RUN_CONFIG).write_text(json.dumps({"adapter": fargs.adapter, "options": options}, indent=2))
+            weights = out / "adapter_model.safetensors"
+            report["adapter_parameters"] = report.get("trainable_parameters")
+            report["adapter_bytes"] = weights.stat().st_size if weights.exists() else None
+        if fargs.merge:
+            merged_dir = out / "merged"
+            merged = model.merge_and_unload() if fargs.adapter != "full" else model
+            merged.save_pretrained(merged_dir)
+            lm.tokenizer.save_pretrained(merged_dir)
+            report["merged_model_dir"] = str(merged_dir)
+        with open(out / "report.json", "w") as f:
+            json.dump(report, f, indent=2, default=str)
+        print(f"adapter {fargs.adapter}: {report.get('trainable_parameters'):,} trainable parameters, adapter file "
+              f"{report.get('adapter_bytes')} B; eval perplexity {report.get('eval_perplexity_before')} -> "
+              f"{report.get('eval_perplexity')}", flush=True)
+    return report
+
+
+def load_finetuned(model_dir: str, adapter_dir: str, dtype=torch.float32):
+    """Base model + saved adapter, with the method's custom module re-registered from ``memtrain_adapter.json``."""
+    run_config = json.loads((Path(adapter_dir) / RUN_CONFIG).read_text())
+    model = build_model(model_dir, dtype=dtype)
+    return adapters.load(model, adapter_dir, run_config["adapter"], **run_config["options"])
+
+
+# -- benchmark mode -----------------------------------------------------------------------------------------
+def _parse_entry(entry: str) -> tuple[str, str | None, str | None]:
+    spec, _, lr = entry.partition("@")
+    adapter, _, adapter_args = spec.partition(":")
+    if adapter not in ADAPTER_CHOICES:
+        raise ValueError(f"benchmark entry {entry!r}: adapter must be one of {', '.join(ADAPTER_CHOICES)}")
+    return adapter, adapter_args or None, lr or None
+
+
+def _drop_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            if a.startswith("--"):
+                skip = False
+            else:
+                continue
+        if a.split("=")[0] in names:
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
+def benchmark(fargs: FinetuneArguments, args: TrainingArguments, argv: list[str]) -> list[dict]:
+    """Each entry through ``scripts/finetune.py`` in its own process (so peak RSS is per run), same flags, data,
+    seed and steps; then a markdown table in ``fargs.benchmark_out``."""
+    common = _drop_flags(list(argv), ("--benchmark", "--benchmark_out", "--output_dir", "--adapter", "--adapter_args",
+                                      "--learning_rate", "--merge"))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "finetune.py"
+    rows = []
+    for entry in fargs.benchmark:
+        adapter, adapter_args, lr = _parse_entry(entry)
+        out_dir = Path(args.output_dir) / entry.replace(":", "_").replace(",", "_").replace("=", "-")
+        cmd = [sys.executable, str(script), *common, "--adapter", adapter, "--output_dir", str(out_dir)]
+        if adapter_args:
+            cmd += ["--adapter_args", adapter_args]
+        cmd += ["--learning_rate", lr or str(args.learning_rate)]
+        print("benchmark:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(script.parents[1])})
+        rows.append({"entry": entry, **json.loads((out_dir / "report.json").read_text())})
+    Path(fargs.benchmark_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(fargs.benchmark_out).write_text(format_table(rows, fargs, args))
+    print(f"benchmark table written to {fargs.benchmark_out}", flush=True)
+    return rows
+
+
+def format_table(rows: list[dict], fargs: FinetuneArguments, args: TrainingArguments) -> str:
+    def mib(x):
+        return f"{x / 2**20:,.2f}" if isinstance(x, (int, float)) else "n/a"
+
+    lines = [
+        "| entry | lr | eval ppl before → after | trainable params | optimizer state (MiB) | state B/trainable param "
+        "| adapter file (KiB) | peak memory (MiB) | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        adapter_kib = f"{r['adapter_bytes'] / 1024:,.1f}" if r.get("adapter_bytes") else "—"
+        lines.append(
+            f"| {r['entry']} | {r['learning_rate']:g} | {r['eval_perplexity_before']:.2f} → {r['eval_perplexity']:.2f} "
+            f"| {r['trainable_parameters']:,} | {mib(r['optimizer_state_bytes'])} "
+            f"| {r['optimizer_state_bytes_per_trainable_parameter']:.2f} | {adapter_kib} "
+            f"| {mib(r['peak_memory_bytes'])} | {r['tokens_per_second']:,.0f} |")
+    first = rows[0] if rows else {}
+    return "\n".join([
+        "# Fine-tuning benchmark",
+        "",
+        f"Base model `{fargs.model_name_or_path}`, data `{fargs.dataset}` (seq_len {fargs.seq_len}), "
+        f"{args.max_steps} steps × {args.per_device_train_batch_size} sequences, equal for every entry; `--optim "
+        f"{_optim_name(args.optim)}` (plain LoRA and full fine-tuning: on every trainable tensor; the three methods: "
+        f"their own Adam on the adapter tensors), seed {args.seed}, device {first.get('device')}. "
+        f"LoRA r = {fargs.lora_r}, alpha = {fargs.lora_alpha or 2 * fargs.lora_r} (ALLoRA: alpha = r), targets {fargs.target_modules}. "
+        "Eval perplexity is token-weighted over the held-out split. Peak memory is "
+        f"{first.get('peak_memory_kind')} of each run's own process.",
+        "",
+        *lines,
+        "",
+        f"Generated by `python scripts/finetune.py --benchmark {' '.join(r['entry'] for r in rows)} ...`.",
+        "",
+    ])
