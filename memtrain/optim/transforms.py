@@ -6,6 +6,9 @@ storage formats, and import only torch.
 """
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
@@ -40,8 +43,6 @@ def adamw_t_(
 
 
 # -- low-rank gradient projection (GaLore, Fira; specs/galore.md, fira.md) --
-import math  # noqa: E402  (this section's own import, kept next to the code that needs it)
-from contextlib import contextmanager  # noqa: E402
 
 
 @contextmanager
@@ -203,6 +204,48 @@ def clip_by_rms_(update: Tensor, threshold: float) -> Tensor:
 
 
 def slim_adamw_t_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    dim: int,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """AdamW-T (:func:`adamw_t_`, same operation order) whose second moment is averaged along ``dim``.
+
+    ``exp_avg`` has the shape of ``param``; ``exp_avg_sq`` keeps ``dim`` with size 1 and broadcasts against it
+    (SlimAdam, specs/slimadam.md §2). ``dim`` is a stored-tensor dim.
+    """
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).add_(grad.square().mean(dim=dim, keepdim=True), alpha=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+
+
+def second_moment_snr(v: Tensor, dim: int) -> Tensor:
+    """SlimAdam's compressibility score of a second moment ``v`` along ``dim`` (specs/slimadam.md §3).
+
+    For every slice along ``dim``: ``mean² / var`` (population variance), then the mean over the slices. A slice
+    with zero variance and a nonzero mean counts as +inf (perfectly compressible); an all-zero slice is skipped.
+    Returns a 0-d fp64 tensor (NaN when every slice is all-zero).
+    """
+    v = v.double()
+    mean = v.mean(dim=dim)
+    var = v.var(dim=dim, unbiased=False)
+    nonzero = v.ne(0).any(dim=dim)
+    snr = torch.where(var > 0, mean.square() / var.clamp(min=torch.finfo(v.dtype).tiny), torch.inf)
+    snr = snr[nonzero]
+    return snr.mean() if snr.numel() else torch.tensor(float("nan"), dtype=torch.float64)
 
 
 # -- stateless matrix transforms: SWAN, SinkGD, SCALE (specs/swan.md, sinkgd.md, scale.md) --
@@ -319,9 +362,6 @@ def adamw_scale_(
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     *,
-    dim: int,
-
-
     step: int,
     lr: float,
     beta1: float,
@@ -329,37 +369,6 @@ def adamw_scale_(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """AdamW-T (:func:`adamw_t_`, same operation order) whose second moment is averaged along ``dim``.
-
-    ``exp_avg`` has the shape of ``param``; ``exp_avg_sq`` keeps ``dim`` with size 1 and broadcasts against it
-    (SlimAdam, specs/slimadam.md §2). ``dim`` is a stored-tensor dim.
-    """
-    if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).add_(grad.square().mean(dim=dim, keepdim=True), alpha=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
-
-
-def second_moment_snr(v: Tensor, dim: int) -> Tensor:
-    """SlimAdam's compressibility score of a second moment ``v`` along ``dim`` (specs/slimadam.md §3).
-
-    For every slice along ``dim``: ``mean² / var`` (population variance), then the mean over the slices. A slice
-    with zero variance and a nonzero mean counts as +inf (perfectly compressible); an all-zero slice is skipped.
-    Returns a 0-d fp64 tensor (NaN when every slice is all-zero).
-    """
-    v = v.double()
-    mean = v.mean(dim=dim)
-    var = v.var(dim=dim, unbiased=False)
-    nonzero = v.ne(0).any(dim=dim)
-    snr = torch.where(var > 0, mean.square() / var.clamp(min=torch.finfo(v.dtype).tiny), torch.inf)
-    snr = snr[nonzero]
-    return snr.mean() if snr.numel() else torch.tensor(float("nan"), dtype=torch.float64)
-
-
     """SCALE's AdamW for 1-D parameters (scale.md §2 d), in place on fp32 tensors: decay BEFORE the update as in
     AdamW-T, but ε added to the UNcorrected sqrt as in AdamW-HF, with both moments as lerps (the official order)."""
     exp_avg.lerp_(grad, 1 - beta1)
