@@ -148,6 +148,14 @@ class MemtrainOptimizer(Optimizer):
 
     def adamw_update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
         """The AdamW-T fallback for roles the method does not own (and the whole of ``adamw``)."""
+        self.adam_step(param, grad, state, group, adamw_t_)
+
+    @staticmethod
+    def adam_step(param: Tensor, grad: Tensor, state: dict, group: dict, kernel: Callable) -> None:
+        """One Adam-family step with fp32 ``exp_avg``/``exp_avg_sq`` state and the group's lr, betas, ε and
+        decay: lazy state, counter, fp32 math written back in the param dtype. ``kernel`` is the convention
+        (``transforms.adamw_t_``, ``adamw_hf_``, …), called as ``kernel(p32, g32, m, v, step=, lr=, beta1=,
+        beta2=, eps=, weight_decay=)``."""
         if not state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
@@ -155,7 +163,7 @@ class MemtrainOptimizer(Optimizer):
         state["step"] += 1
         beta1, beta2 = group["betas"]
         with fp32_view(param) as p32:
-            adamw_t_(
+            kernel(
                 p32, grad.float(), state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=group["lr"],
                 beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             )

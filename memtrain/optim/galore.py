@@ -85,16 +85,7 @@ class GaLore(MemtrainOptimizer):
     # -- the roles GaLore does not project ----------------------------------------------------------------
     def adamw_update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
         """AdamW-HF (README §2.4), no α: what GaLoreAdamW does for groups without a rank."""
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
-        state["step"] += 1
-        beta1, beta2 = group["betas"]
-        with fp32_view(param) as p32:
-            T.adamw_hf_(p32, grad.float(), state["exp_avg"], state["exp_avg_sq"], step=state["step"],
-                        lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                        weight_decay=group["weight_decay"])
+        self.adam_step(param, grad, state, group, T.adamw_hf_)
 
     # -- the projected update -------------------------------------------------------------------------------
     def _warn_once(self, key: str, message: str) -> None:

@@ -76,15 +76,7 @@ class SCALE(MemtrainOptimizer):
     def update(self, param, grad, state, group):
         branch, lr, wd = group["branch"], group["lr"], group["weight_decay"]
         if branch == "adamw":
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
-                state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
-            state["step"] += 1
-            beta1, beta2 = group["betas"]
-            with fp32_view(param) as p32:
-                adamw_scale_(p32, grad.float(), state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=lr,
-                             beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=wd)
+            self.adam_step(param, grad, state, group, adamw_scale_)
             return
         g = grad.float()
         if branch == "momentum":
