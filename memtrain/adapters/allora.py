@@ -158,12 +158,12 @@ class ALLoRAFactorRowsMixin:
         return super()._update_fn(group)
 
 
-def _factor_rows_update(optimizer, param, grad, state, group) -> None:
+def _factor_rows_update(optimizer, param, grad, state, group, rows) -> None:
     if param.dim() != 2:
         raise RuntimeError("allora factor_rows needs 2-D LoRA factors; flat shards (FSDP1/ZeRO) lose the rows: use "
                            "FSDP2 (fully_shard) or DDP")
     c = allora_scale(param.detach().float().norm(dim=1, keepdim=True), group["allora_eta"], group["allora_power"])
-    optimizer.adamw_update(param, grad.float() * c, state, group)
+    optimizer.adamw_update(param, grad.float() * c, state, group, rows)
 
 
 def create_allora_optimizer(model: nn.Module, optim: str = "adamw", *, lr: float, weight_decay: float = 0.0,

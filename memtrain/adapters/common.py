@@ -147,9 +147,9 @@ class AdapterFactory:
         return create(model, **kwargs)
 
 
-def fallback_update_without_decay(optimizer: MemtrainOptimizer, param, grad, state, group) -> None:
+def fallback_update_without_decay(optimizer: MemtrainOptimizer, param, grad, state, group, rows) -> None:
     """AdamW-T with the group's decay switched off (the adapter applied its own decay already)."""
-    optimizer.adamw_update(param, grad, state, {**group, "weight_decay": 0.0})
+    optimizer.adamw_update(param, grad, state, {**group, "weight_decay": 0.0}, rows)
 
 
 __all__ = ["LoraPair", "lora_layers", "plain_pair_problem", "make_pair", "pair_group", "tensor_group",

@@ -130,7 +130,7 @@ class GradNormLoRPMixin:
         return super()._update_fn(group)
 
 
-def _adamw_hf_update(optimizer, param, grad, state, group) -> None:
+def _adamw_hf_update(optimizer, param, grad, state, group, rows) -> None:
     if not state:
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
@@ -149,7 +149,7 @@ def _apply_hf(param, direction, lr, weight_decay) -> None:
             p.add_(p, alpha=-lr * weight_decay)
 
 
-def _projected_update(optimizer, param, grad, state, group) -> None:
+def _projected_update(optimizer, param, grad, state, group, rows) -> None:
     """galore.md §2.1 (proj_type "std") on one LoRA factor."""
     if param.dim() != 2:
         raise RuntimeError("gradnormlorp needs 2-D LoRA factors; flat shards (FSDP1/ZeRO) lose the rows: use FSDP2 "

@@ -118,7 +118,7 @@ class LoRAProMixin:
             B.grad.copy_(h_b)
 
 
-def _no_update(param, grad, state, group) -> None:
+def _no_update(param, grad, state, group, rows) -> None:
     return None
 
 

@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..distributed import Rows
 from .base import MemtrainOptimizer, fp32_view
 from .registry import OptimizerSpec, register
 from .routing import ROLES
@@ -81,7 +82,7 @@ class Adafactor(MemtrainOptimizer):
             return rms(param).clamp(min=group["eps2"]) * rho
         return rho
 
-    def update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+    def update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
         grad = grad.float()
         factored = self._factored(param, group)
         if not state:

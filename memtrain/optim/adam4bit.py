@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..distributed import Rows
 from .base import MemtrainOptimizer, fp32_view
 from .quant4 import BlockCodec, Rank1Codec, linear_table, signed_de_table
 from .registry import OptimizerSpec, register
@@ -78,10 +79,10 @@ class Adam4bit(MemtrainOptimizer):
             return m_codec, "rank1", v_rank1
         return m_codec, "block", v_block
 
-    def update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+    def update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
         # The global element count (a DTensor reports it), so every rank and world size quantises the same tensors.
         if not group["quantize"] or param.numel() < group["threshold"]:
-            return self.adamw_update(param, grad, state, group)
+            return self.adamw_update(param, grad, state, group, rows)
         m_codec, v_kind, v_codec = self._codecs(param, group)
         if not state:
             state["step"] = 0

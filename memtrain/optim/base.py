@@ -12,7 +12,10 @@ A method subclasses :class:`MemtrainOptimizer`, names the roles it transforms in
 * fp32 arithmetic on low-precision parameters, written back in the parameter's own dtype;
 * a ``load_state_dict`` that keeps each state tensor's saved dtype (torch casts floating state to the
   parameter dtype, turning fp32 moments of a bf16 model into bf16 and uint8 codes into floats);
-* the loud refusal of flattened 1-D shards for roles whose method needs the matrix shape.
+* the loud refusal of flattened 1-D shards for roles whose method needs the matrix shape;
+* FSDP2: ``update()`` gets the rank's local rows of a sharded parameter and its gradient, plus a
+  :class:`~memtrain.distributed.Rows` that provides the collectives the method's transforms need (see
+  ``memtrain/distributed.py``); unsharded parameters get the same call with identity collectives.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
+from ..distributed import Rows, local, unsharded
 from .transforms import adamw_t_
 
 FALLBACK = "adamw"
@@ -142,29 +146,31 @@ class MemtrainOptimizer(Optimizer):
             group.setdefault("names", [""] * len(group["params"]))
 
     # -- the per-parameter updates -------------------------------------------------------------------
-    def update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
-        """Update one parameter of an owned role in place. ``state`` is empty on the first call."""
+    def update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
+        """Update one parameter of an owned role in place. ``state`` is empty on the first call. Under FSDP2
+        ``param``/``grad`` are this rank's rows and ``rows`` gives the collectives; state that holds this rank's
+        rows is stored with ``rows.keep()`` and read with ``distributed.local()``."""
         raise NotImplementedError(f"{type(self).__name__} owns roles {sorted(self.owns)} but has no update()")
 
-    def adamw_update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+    def adamw_update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
         """The AdamW-T fallback for roles the method does not own (and the whole of ``adamw``)."""
-        self.adam_step(param, grad, state, group, adamw_t_)
+        self.adam_step(param, grad, state, group, adamw_t_, rows)
 
     @staticmethod
-    def adam_step(param: Tensor, grad: Tensor, state: dict, group: dict, kernel: Callable) -> None:
+    def adam_step(param: Tensor, grad: Tensor, state: dict, group: dict, kernel: Callable, rows: Rows) -> None:
         """One Adam-family step with fp32 ``exp_avg``/``exp_avg_sq`` state and the group's lr, betas, ε and
         decay: lazy state, counter, fp32 math written back in the param dtype. ``kernel`` is the convention
         (``transforms.adamw_t_``, ``adamw_hf_``, …), called as ``kernel(p32, g32, m, v, step=, lr=, beta1=,
-        beta2=, eps=, weight_decay=)``."""
+        beta2=, eps=, weight_decay=)``. Elementwise, so the moments are sharded like the parameter."""
         if not state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
+            state["exp_avg"] = rows.keep(torch.zeros_like(param, dtype=torch.float32))
+            state["exp_avg_sq"] = rows.keep(torch.zeros_like(param, dtype=torch.float32))
         state["step"] += 1
         beta1, beta2 = group["betas"]
         with fp32_view(param) as p32:
             kernel(
-                p32, grad.float(), state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=group["lr"],
+                p32, grad.float(), local(state["exp_avg"]), local(state["exp_avg_sq"]), step=state["step"], lr=group["lr"],
                 beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             )
 
@@ -190,6 +196,12 @@ class MemtrainOptimizer(Optimizer):
                 f"exact on sharded weights yet. Use DDP (configs/accelerate/ddp.yaml), or an optimizer whose "
                 "capabilities list fsdp2 (python -m memtrain.optim)."
             )
+        if isinstance(param, DTensor) and self.needs_matrix_shape and group.get("layout") == "conv1d":
+            raise RuntimeError(  # Shard(0) of a stored [in, out] weight splits the columns (specs/README.md §2.7)
+                f"{self.name}: parameter {name!r} is a Conv1D weight (stored [in, out]) sharded by FSDP2, which then "
+                "splits its columns, not its rows; memtrain's matrix transforms support this layout only unsharded. "
+                "Use DDP, or an elementwise optimizer such as adamw."
+            )
 
     def step_param(self, param: Tensor, grad: Tensor, group: dict, index: int) -> None:
         """Update one parameter of ``group`` (its ``index``-th) from ``grad``: what ``step()`` does for each
@@ -199,7 +211,21 @@ class MemtrainOptimizer(Optimizer):
         state = self.state[param]
         if not state:
             self._check_param(param, group, index)
-        self._update_fn(group)(param, grad, state, group)
+        if isinstance(param, DTensor):
+            rows = Rows.of(param, group["names"][index], self._position(group, index))
+            param, grad = param.to_local(), local(grad)
+        else:
+            rows = unsharded(param)
+        self._update_fn(group)(param, grad, state, group, rows)
+
+    def _position(self, group: dict, index: int) -> int:
+        """The parameter's position in the optimizer: picks its owner rank for ``full`` operations."""
+        before = 0
+        for g in self.param_groups:
+            if g is group:
+                return before + index
+            before += len(g["params"])
+        return index
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):

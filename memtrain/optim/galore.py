@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import transforms as T
+from ..distributed import Rows
 from .base import MemtrainOptimizer, fp32_view
 from .registry import OptimizerSpec, register
 
@@ -83,9 +84,9 @@ class GaLore(MemtrainOptimizer):
         self._warned: set[str] = set()
 
     # -- the roles GaLore does not project ----------------------------------------------------------------
-    def adamw_update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+    def adamw_update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
         """AdamW-HF (README §2.4), no α: what GaLoreAdamW does for groups without a rank."""
-        self.adam_step(param, grad, state, group, T.adamw_hf_)
+        self.adam_step(param, grad, state, group, T.adamw_hf_, rows)
 
     # -- the projected update -------------------------------------------------------------------------------
     def _warn_once(self, key: str, message: str) -> None:
@@ -129,7 +130,7 @@ class GaLore(MemtrainOptimizer):
         state["refreshes"] = state.get("refreshes", 0) + 1
         return True
 
-    def update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+    def update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
         if hasattr(param, "device_mesh") or hasattr(grad, "device_mesh"):
             raise NotImplementedError(
                 f"{self.name}: sharded (FSDP2 DTensor) parameters are not supported in this version; train with "

@@ -73,10 +73,10 @@ class SCALE(MemtrainOptimizer):
                               "they get the head's momentum branch, as the official 'secondary' params do",
                               stacklevel=2)
 
-    def update(self, param, grad, state, group):
+    def update(self, param, grad, state, group, rows):
         branch, lr, wd = group["branch"], group["lr"], group["weight_decay"]
         if branch == "adamw":
-            self.adam_step(param, grad, state, group, adamw_scale_)
+            self.adam_step(param, grad, state, group, adamw_scale_, rows)
             return
         g = grad.float()
         if branch == "momentum":

@@ -21,6 +21,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from ..distributed import Rows
 from .base import MemtrainOptimizer, fp32_view
 from .registry import OptimizerSpec, register
 from .routing import ROLES
@@ -138,9 +139,9 @@ class SlimAdam(MemtrainOptimizer):
         k = group["compress_dims"][0]
         return 1 - k if group.get("layout") == "conv1d" else k
 
-    def update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+    def update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
         if group["compress_dims"] is None:
-            return self.adamw_update(param, grad, state, group)  # full second moment: exactly AdamW
+            return self.adamw_update(param, grad, state, group, rows)  # full second moment: exactly AdamW
         dim = self._stored_dim(group)
         if not state:
             state["step"] = 0

@@ -41,7 +41,7 @@ class SWAN(MemtrainOptimizer):
                 warnings.warn(f"swan: parameters {group['names']} have role 'other' (2+ dims, not a linear weight); "
                               "they get the AdamW-T fallback", stacklevel=2)
 
-    def update(self, param, grad, state, group):
+    def update(self, param, grad, state, group, rows):
         g = as_out_in(grad.float(), group.get("layout", "linear"))
         x = standardize(g, dim=group["norm_dim"], eps=group["row_eps"])
         if not group["fp32_whitening"]:

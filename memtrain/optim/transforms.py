@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -268,20 +269,26 @@ def descend_(param: Tensor, direction: Tensor, *, lr: float, weight_decay: float
     param.add_(direction, alpha=-lr)
 
 
-def rms_normalize(x: Tensor, dim: int, eps: float = 1e-8) -> Tensor:
+def column_mean(x: Tensor) -> Tensor:
+    """Each column's mean over the rows (dim 0, keepdim). The default ``column_mean`` of the functions below;
+    under FSDP2, where a rank holds only some rows, ``distributed.Rows.column_mean`` all-reduces it instead."""
+    return x.mean(dim=0, keepdim=True)
+
+
+def rms_normalize(x: Tensor, dim: int, eps: float = 1e-8, column_mean: Callable = column_mean) -> Tensor:
     """Divide ``x`` by its RMS over ``dim`` (``dim=1``: every row gets RMS 1; ``dim=0``: every column), with the
     RMS floored at ``eps`` so that an all-zero row/column stays zero (SCALE §2, one half-step of SinkGD)."""
-    rms = x.square().mean(dim=dim, keepdim=True).sqrt_().clamp_(min=eps)
-    return x / rms
+    ms = column_mean(x.square()) if dim == 0 else x.square().mean(dim=dim, keepdim=True)
+    return x / ms.sqrt_().clamp_(min=eps)
 
 
-def sinkhorn(g: Tensor, iterations: int = 5, eps: float = 1e-8) -> Tensor:
+def sinkhorn(g: Tensor, iterations: int = 5, eps: float = 1e-8, column_mean: Callable = column_mean) -> Tensor:
     """SinkGD's square-root Sinkhorn (sinkgd.md §2): ``iterations`` alternations of row-, then column-RMS
     normalisation. Columns come last, so every column RMS is exactly 1; rows converge geometrically to RMS 1."""
     x = g
     for _ in range(iterations):
         x = rms_normalize(x, dim=1, eps=eps)
-        x = rms_normalize(x, dim=0, eps=eps)
+        x = rms_normalize(x, dim=0, eps=eps, column_mean=column_mean)
     return x
 
 

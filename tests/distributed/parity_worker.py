@@ -18,7 +18,8 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import memtrain
-from memtrain.metrics import optimizer_state_bytes
+from memtrain import distributed
+from memtrain.metrics import optimizer_state_bytes, storage_bytes
 
 STEPS, LR, GLOBAL_BATCH, LENGTH, VOCAB = 4, 3e-3, 8, 16, 64
 
@@ -66,16 +67,23 @@ def run_case(name, engine, rank, world, options):
     else:
         wrapped = DistributedDataParallel(model)
     opt = memtrain.build_optimizer(model, name, lr=LR, weight_decay=0.01, **options)
+    distributed.COMM.clear()
     train(wrapped, opt, rank, world)
+    comm = dict(distributed.COMM)
     worst = 0.0
     for a, b in zip(model.parameters(), reference.parameters()):
         a = full(a.detach())
         rel = ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
         worst = max(worst, rel)
-    state = torch.tensor([optimizer_state_bytes(opt)], dtype=torch.int64)
+    # Replicated state: plain tensors kept for sharded parameters (identical on every rank, saved once).
+    replicated = storage_bytes(t for s in opt.state.values() for t in s.values()
+                               if torch.is_tensor(t) and not isinstance(t, DTensor)) if engine == "fsdp2" else 0
+    state = torch.tensor([optimizer_state_bytes(opt), replicated], dtype=torch.int64)
     states = [torch.zeros_like(state) for _ in range(world)]
     dist.all_gather(states, state)
-    return {"max_rel_diff": worst, "state_bytes_per_rank": [int(s) for s in states]}
+    return {"max_rel_diff": worst, "state_bytes_per_rank": [int(s[0]) for s in states],
+            "replicated_state_bytes_per_rank": [int(s[1]) for s in states],
+            "comm_bytes_per_step": {k: v / STEPS for k, v in comm.items()}}
 
 
 def main():

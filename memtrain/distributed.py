@@ -1,0 +1,174 @@
+"""How a transform runs on a weight that FSDP2 has sharded: the only DTensor-aware code in memtrain.
+
+FSDP2 (``fully_shard``) makes every parameter and gradient a DTensor with placement ``Shard(0)`` on a 1-D mesh:
+rank k holds a contiguous block of rows ``W_k`` (split like ``torch.chunk``, so a block may be shorter, or empty).
+The shared optimizer base hands a method's ``update()`` the rank's local tensors and a :class:`Rows` object that
+says how the rows are split. Every transform then declares what it needs by the call it makes
+(specs/README.md §2.7):
+
+* **local** — reduces over dim 1 or is elementwise: plain tensor code on the local rows, no call at all;
+* **reduce** — a small all-reduced statistic: :meth:`Rows.sum` (column sums, an n×n Gram, a squared norm),
+  :meth:`Rows.max`, :meth:`Rows.all` (global decisions that choose which collectives run);
+* **full** — the whole matrix: :meth:`Rows.gather` it, compute on :attr:`Rows.owner` (round-robin over
+  matrices, so each rank does about 1/world of the work), :meth:`Rows.broadcast` the result and keep
+  :meth:`Rows.mine`.
+
+Unsharded tensors (one process, DDP) get :func:`unsharded` rows, whose collectives are identities that return their
+input untouched, so one code path serves every engine and the single-process numerics do not change.
+
+State that holds this rank's rows is stored through :meth:`Rows.keep` as a DTensor with the parameter's global
+shape and ``Shard(0)`` placement: distributed checkpointing (DCP) treats a plain tensor as replicated and would
+restore one rank's rows on every rank (specs/README.md §2.8). Replicated state (a ``[1, n]`` statistic, a
+right-side projector) stays a plain tensor, identical on all ranks. :func:`local` reads either form.
+
+Every collective adds its payload to :data:`COMM` (bytes per rank: the tensor all-reduced or broadcast, the
+gathered result of an all-gather), which ``scripts/benchmark.py`` and the distributed tests report per step.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Shard
+
+#: Bytes moved by memtrain's own collectives, by kind ("all_reduce", "all_gather", "broadcast"), on this rank.
+COMM: Counter = Counter()
+
+
+def local(t):
+    """This rank's part of a state tensor stored by :meth:`Rows.keep` (or the tensor itself)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class Rows:
+    """The row split of one matrix across the ranks of a process group (``mesh=None``: not split)."""
+
+    def __init__(self, total: int, start: int = 0, *, mesh=None, owner: int = 0):
+        self.total = total  #: global number of rows (dim 0)
+        self.start = start  #: first global row held by this rank
+        self.mesh = mesh
+        self.group = mesh.get_group() if mesh is not None else None
+        self.world = dist.get_world_size(self.group) if mesh is not None else 1
+        self.rank = dist.get_rank(self.group) if mesh is not None else 0
+        self.owner = owner % self.world  #: the rank that computes this matrix's ``full`` operations
+
+    @property
+    def sharded(self) -> bool:
+        return self.group is not None
+
+    @classmethod
+    def of(cls, param: DTensor, name: str, key: int) -> "Rows":
+        """The split of an FSDP2 parameter; ``key`` (the parameter's position in the optimizer) picks the owner.
+        Anything but ``Shard(0)`` on a 1-D mesh (HSDP, tensor parallelism) is refused: the specs' collectives
+        are written for row blocks."""
+        mesh, placements = param.device_mesh, tuple(param.placements)
+        if mesh.ndim != 1 or placements != (Shard(0),):
+            raise RuntimeError(
+                f"parameter {name!r} is a DTensor with placements {placements} on a {mesh.ndim}-D mesh; memtrain's "
+                "matrix optimizers support FSDP2's row sharding only (Shard(0) on a 1-D mesh, fully_shard without "
+                "HSDP or tensor parallelism). Use an elementwise optimizer such as adamw for other layouts."
+            )
+        rows = cls(param.shape[0], mesh=mesh, owner=key)
+        rows.start = min(rows.rank * math.ceil(rows.total / rows.world), rows.total)
+        held = param.to_local().shape[0]
+        if held != rows.held:
+            raise RuntimeError(f"parameter {name!r}: rank {rows.rank} holds {held} of {rows.total} rows, not the "
+                               "torch.chunk split FSDP2 uses; memtrain cannot place its rows")
+        return rows
+
+    # -- reduce ---------------------------------------------------------------------------------------------
+    def _all_reduce(self, t: Tensor, op) -> Tensor:
+        if self.group is None:
+            return t
+        t = t.contiguous()
+        dist.all_reduce(t, op=op, group=self.group)
+        COMM["all_reduce"] += t.numel() * t.element_size()
+        return t
+
+    def sum(self, t: Tensor) -> Tensor:
+        """``t`` summed over ranks (in place, returned); unsharded: ``t`` itself."""
+        return self._all_reduce(t, dist.ReduceOp.SUM)
+
+    def max(self, t: Tensor) -> Tensor:
+        return self._all_reduce(t, dist.ReduceOp.MAX)
+
+    def all(self, flags: Tensor) -> Tensor:
+        """Global logical AND of boolean ``flags``: a data-dependent branch that decides whether a collective runs
+        must be taken from this, never from the local shard (an empty or all-zero shard would enter a different
+        collective than its peers and hang)."""
+        return self._all_reduce(flags.to(torch.int32), dist.ReduceOp.MIN).bool()
+
+    def column_mean(self, x: Tensor) -> Tensor:
+        """Each column's mean over all rows of the global matrix (dim 0, keepdim): a ``reduce`` op."""
+        if self.group is None:
+            return x.mean(dim=0, keepdim=True)
+        return self.sum(x.sum(dim=0, keepdim=True)) / self.total
+
+    def norm_sq(self, x: Tensor) -> Tensor:
+        """``‖X‖_F²`` of the global matrix as a 0-d fp64 tensor: summed per row in x's dtype, across rows (and
+        ranks) in fp64."""
+        return self.sum(x.square().reshape(x.shape[0], -1).sum(dim=-1).double().sum())
+
+    # -- full -----------------------------------------------------------------------------------------------
+    def gather(self, x: Tensor) -> Tensor:
+        """The global matrix from every rank's rows (an all-gather; every rank gets it)."""
+        if self.group is None:
+            return x
+        chunk = math.ceil(self.total / self.world)
+        padded = x.new_zeros((chunk, *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded, group=self.group)
+        full = torch.cat(parts)[: self.total]
+        COMM["all_gather"] += full.numel() * full.element_size()
+        return full
+
+    def broadcast(self, t: Tensor) -> Tensor:
+        """``t`` as computed on :attr:`owner`, on every rank (in place, returned). Other ranks pass a buffer of the
+        same shape and dtype; replicated results are thus bitwise identical everywhere."""
+        if self.group is None:
+            return t
+        t = t.contiguous()
+        dist.broadcast(t, src=dist.get_global_rank(self.group, self.owner), group=self.group)
+        COMM["broadcast"] += t.numel() * t.element_size()
+        return t
+
+    @property
+    def held(self) -> int:
+        """How many rows this rank holds under the ``torch.chunk`` split FSDP2 uses."""
+        if self.group is None:
+            return self.total
+        chunk = math.ceil(self.total / self.world) if self.total else 0
+        return max(0, min(chunk, self.total - self.start))
+
+    @property
+    def is_owner(self) -> bool:
+        return self.rank == self.owner
+
+    def mine(self, full: Tensor) -> Tensor:
+        """This rank's rows of a global ``[total, ...]`` tensor."""
+        if self.group is None:
+            return full
+        return full[self.start: self.start + self.held]
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def keep(self, t: Tensor):
+        """Store ``t`` (this rank's rows of a ``[total, ...]`` tensor) as optimizer state: a ``Shard(0)`` DTensor
+        with the global shape under FSDP2, ``t`` itself otherwise."""
+        if self.group is None:
+            return t
+        shape = (self.total, *t.shape[1:])
+        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        return DTensor.from_local(t, self.mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
+
+
+def unsharded(t: Tensor) -> Rows:
+    """The :class:`Rows` of a tensor that is not sharded (one process, DDP): every collective is the identity."""
+    return Rows(t.shape[0] if t.dim() else 1)
+
+
+def comm_bytes() -> int:
+    return sum(COMM.values())
