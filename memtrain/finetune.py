@@ -128,6 +128,34 @@ def _adapter_factory_kwargs(fargs: FinetuneArguments, args: TrainingArguments, o
     return kwargs
 
 
+def check_engine(trainer, adapter: str, options: dict) -> None:
+    """Refuse, before training, an engine an adapter would get wrong (specs/README.md §2.7). DeepSpeed ZeRO and
+    FSDP1 hand the optimizer flat 1-D partitions, so no LoRA-Pro pair, GradNormLoRP projection or ALLoRA factor
+    row exists; ZeRO-3 and FSDP1 also split the LoRA layer that ALLoRA's and GradNormLoRP's modules read whole.
+    GradNormLoRP's projection is not sharded for FSDP2 yet. Plain LoRA (and full fine-tuning) run anywhere."""
+    if adapter in ("lora", "full"):
+        return
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    fsdp = trainer.is_fsdp_enabled
+    fsdp1 = fsdp and getattr(plugin, "fsdp_version", 1) == 1
+    zero = trainer.is_deepspeed_enabled
+    zero3 = zero and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    needs_shape = adapter in ("lorapro", "gradnormlorp") or options.get("norm_target") == "factor_rows"
+    engine = None
+    if (zero or fsdp1) and needs_shape:
+        engine = "DeepSpeed ZeRO" if zero else "FSDP1"
+        why = "hands the optimizer flat 1-D partitions, so the LoRA factors lose their matrix shape"
+    elif zero3 or fsdp1:
+        engine = "DeepSpeed ZeRO-3" if zero3 else "FSDP1"
+        why = "splits the LoRA layer that the adapter's module reads whole in forward"
+    elif fsdp and adapter == "gradnormlorp":
+        engine, why = "FSDP2", "shards the factors its SVD projection needs whole (not implemented yet)"
+    if engine:
+        fix = "DDP or FSDP2 (configs/accelerate/ddp.yaml, fsdp2.yaml)" if adapter != "gradnormlorp" else \
+            "DDP (configs/accelerate/ddp.yaml)"
+        raise ValueError(f"adapter {adapter!r} cannot train under {engine}: it {why}. Use {fix}, or --adapter lora.")
+
+
 def run(fargs: FinetuneArguments, args: TrainingArguments) -> dict:
     if not fargs.model_name_or_path:
         raise ValueError("--model_name_or_path is required: a directory saved by scripts/pretrain.py or "
@@ -155,6 +183,7 @@ def run(fargs: FinetuneArguments, args: TrainingArguments) -> dict:
     trainer = Trainer(model=model, args=args, train_dataset=lm.train, eval_dataset=lm.eval,
                       data_collator=default_data_collator, processing_class=lm.tokenizer,
                       optimizer_cls_and_kwargs=factory)
+    check_engine(trainer, fargs.adapter, options)
     before = trainer.evaluate() if fargs.eval_before_training and len(lm.eval) else {}
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     report = dict(trainer.report_callback.last_report or {})

@@ -26,6 +26,7 @@ from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
+from ..distributed import local
 from ..optim.base import _check_betas, _check_hyper, fp32_view
 from ..optim.transforms import adam_direction_, svd_projector
 from .common import build_adapter_optimizer, lora_layers, make_pair, named_adapter_tensors, tensor_group
@@ -133,11 +134,11 @@ class GradNormLoRPMixin:
 def _adamw_hf_update(optimizer, param, grad, state, group, rows) -> None:
     if not state:
         state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
-        state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
+        state["exp_avg"] = rows.keep(torch.zeros_like(param, dtype=torch.float32))
+        state["exp_avg_sq"] = rows.keep(torch.zeros_like(param, dtype=torch.float32))
     state["step"] += 1
     beta1, beta2 = group["betas"]
-    d = adam_direction_(state["exp_avg"], state["exp_avg_sq"], grad.float(), step=state["step"], beta1=beta1,
+    d = adam_direction_(local(state["exp_avg"]), local(state["exp_avg_sq"]), grad.float(), step=state["step"], beta1=beta1,
                         beta2=beta2, eps=group["eps"], torch_eps=False)
     _apply_hf(param, d, group["lr"], group["weight_decay"])
 
@@ -154,6 +155,9 @@ def _projected_update(optimizer, param, grad, state, group, rows) -> None:
     if param.dim() != 2:
         raise RuntimeError("gradnormlorp needs 2-D LoRA factors; flat shards (FSDP1/ZeRO) lose the rows: use FSDP2 "
                            "(fully_shard) or DDP")
+    if rows.sharded:  # the SVD projector needs the whole factor gradient
+        raise RuntimeError("gradnormlorp: the projected update of the LoRA factors is not implemented on FSDP2 row "
+                           "shards yet; train GradNormLoRP with DDP (configs/accelerate/ddp.yaml)")
     g = grad.float()
     m, n = g.shape
     side = 0 if m >= n else 1

@@ -20,7 +20,9 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from ..distributed import Rows, local, unsharded
 from ..optim.base import FALLBACK, _check_betas, _check_hyper, fp32_view
 from ..optim.transforms import adam_direction_, lorapro_adjust, lorapro_eigh, lorapro_grams
 from .common import (build_adapter_optimizer, fallback_update_without_decay, lora_layers, make_pair,
@@ -54,21 +56,31 @@ class LoRAProMixin:
     def _group_step(self, group: dict) -> None:
         pairs = [(group["params"][ia], group["params"][ib], s, ia) for ia, ib, s in group.get("lora_pairs") or ()]
         pairs = [p for p in pairs if p[0].grad is not None or p[1].grad is not None]  # else skipped (README §2.6)
+        splits = []
         for A, B, _, index_a in pairs:
             self._check_pair(group, A, B, index_a)
-        # One batched fp64 eigh of all pairs' r×r Grams per rank r (spec §6: not ~4 tiny calls per pair); each
-        # decomposition serves both adjustments of the pair's step.
+            splits.append((self._rows(group, A, index_a), self._rows(group, B, index_a + 1)))
+        # Under FSDP2 (specs/lorapro.md §7) A [r, n] is gathered whole (r×n, small) and B [m, r] stays in row
+        # blocks: BᵀB is summed over ranks (r×r). One batched fp64 eigh of all pairs' r×r Grams per rank r (spec
+        # §6: not ~4 tiny calls per pair); each decomposition serves both adjustments of the pair's step.
+        factors = [(ra.gather(local(A.detach())), local(B.detach())) for (A, B, _, _), (ra, _) in zip(pairs, splits)]
         eigs: dict[int, tuple] = {}
         by_rank: dict[int, list[int]] = {}
-        for i, (A, _, _, _) in enumerate(pairs):
+        for i, (A, _) in enumerate(factors):
             by_rank.setdefault(A.shape[0], []).append(i)
         for members in by_rank.values():
-            grams = [lorapro_grams(pairs[i][0].detach(), pairs[i][1].detach()) for i in members]
-            batched = lorapro_eigh(torch.stack([g[0] for g in grams]), torch.stack([g[1] for g in grams]))
+            grams = [lorapro_grams(*factors[i]) for i in members]
+            gram_b = splits[members[0]][1].sum(torch.stack([g[0] for g in grams]))
+            batched = lorapro_eigh(gram_b, torch.stack([g[1] for g in grams]))
             for k, i in enumerate(members):
                 eigs[i] = tuple(t[k] for t in batched)
-        for i, (A, B, scaling, index_a) in enumerate(pairs):
-            self._pair_step(group, A, B, scaling, eigs[i])
+        for i, (A, B, scaling, _) in enumerate(pairs):
+            self._pair_step(group, A, B, scaling, eigs[i], factors[i], splits[i])
+
+    def _rows(self, group: dict, p: nn.Parameter, index: int) -> Rows:
+        if isinstance(p, DTensor):
+            return Rows.of(p, group["names"][index], self._position(group, index))
+        return unsharded(p)
 
     def _check_pair(self, group: dict, A: nn.Parameter, B: nn.Parameter, index_a: int) -> None:
         if A.dim() != 2 or B.dim() != 2:
@@ -82,40 +94,43 @@ class LoRAProMixin:
                 _warn_once(f"lorapro: {group['names'][index_a]!r}: one LoRA factor has no gradient; using zeros")
                 p.grad = torch.zeros_like(p)
 
-    def _pair_step(self, group: dict, A: nn.Parameter, B: nn.Parameter, scaling: float, eig: tuple) -> None:
-        A32, B32 = A.detach().float(), B.detach().float()
-        grad_a, grad_b = A.grad.float(), B.grad.float()
+    def _pair_step(self, group: dict, A: nn.Parameter, B: nn.Parameter, scaling: float, eig: tuple,
+                   factors: tuple, splits: tuple[Rows, Rows]) -> None:
+        """One pair. ``A32`` and ``grad_a`` are whole (gathered under FSDP2), ``B32``, ``grad_b`` and the full-size
+        moments are this rank's rows of B (and of ``G̃``), so every rank computes its rows of ΔB and the whole ΔA,
+        of which it applies its own rows."""
+        (ra, rb), (A32, B32) = splits, (f.float() for f in factors)
+        grad_a, grad_b = ra.gather(local(A.grad).float()), local(B.grad).float()
         delta, lr, wd = group["lorapro_delta"], group["lr"], group["weight_decay"]
         sylvester = group["lorapro_x_mode"] == "sylvester"
+        adjust = functools.partial(lorapro_adjust, scaling=scaling, delta=delta, eig=eig, row_sum=rb.sum)
         if group["lorapro_mode"] == "full":
-            h_a, h_b = lorapro_adjust(A32, B32, grad_a, grad_b, scaling=scaling, delta=delta, sylvester=False, eig=eig)
-            g_full = (B32 @ h_a).add_(h_b @ A32).mul_(scaling)  # the equivalent full gradient, [m, n]
+            h_a, h_b = adjust(A32, B32, grad_a, grad_b, sylvester=False)
+            g_full = (B32 @ h_a).add_(h_b @ A32).mul_(scaling)  # the equivalent full gradient, [m, n] (rows of B)
             state = self.state[A]
             if not state:
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(g_full)
-                state["exp_avg_sq"] = torch.zeros_like(g_full)
+                state["exp_avg"] = rb.keep(torch.zeros_like(g_full))
+                state["exp_avg_sq"] = rb.keep(torch.zeros_like(g_full))
             state["step"] += 1
             beta1, beta2 = group["betas"]
-            u = adam_direction_(state["exp_avg"], state["exp_avg_sq"], g_full, step=state["step"], beta1=beta1,
-                                beta2=beta2, eps=group["eps"])
-            d_a, d_b = lorapro_adjust(A32, B32, scaling * (B32.T @ u), scaling * (u @ A32.T), scaling=scaling,
-                                      delta=delta, sylvester=sylvester, eig=eig)
-            with fp32_view(A) as a, fp32_view(B) as b:
+            u = adam_direction_(local(state["exp_avg"]), local(state["exp_avg_sq"]), g_full, step=state["step"],
+                                beta1=beta1, beta2=beta2, eps=group["eps"])
+            d_a, d_b = adjust(A32, B32, scaling * rb.sum(B32.T @ u), scaling * (u @ A32.T), sylvester=sylvester)
+            with fp32_view(local(A)) as a, fp32_view(local(B)) as b:
                 if wd != 0:
                     a.mul_(math.sqrt(1 - lr * wd))
                     b.mul_(math.sqrt(1 - lr * wd))
-                a.add_(d_a, alpha=-lr)
+                a.add_(ra.mine(d_a), alpha=-lr)
                 b.add_(d_b, alpha=-lr)
         else:  # efficient: adjusted gradients, then AdamW-T (without its own decay) in the base loop
-            h_a, h_b = lorapro_adjust(A32, B32, grad_a, grad_b, scaling=scaling, delta=delta, sylvester=sylvester,
-                                      eig=eig)
+            h_a, h_b = adjust(A32, B32, grad_a, grad_b, sylvester=sylvester)
             if wd != 0:
-                with fp32_view(A) as a, fp32_view(B) as b:
+                with fp32_view(local(A)) as a, fp32_view(local(B)) as b:
                     a.mul_(math.sqrt(1 - lr * wd))
                     b.mul_(math.sqrt(1 - lr * wd))
-            A.grad.copy_(h_a)
-            B.grad.copy_(h_b)
+            local(A.grad).copy_(ra.mine(h_a))
+            local(B.grad).copy_(h_b)
 
 
 def _no_update(param, grad, state, group, rows) -> None:

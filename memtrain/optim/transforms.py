@@ -404,7 +404,8 @@ def lorapro_eigh(gram_b: Tensor, gram_a: Tensor) -> tuple[Tensor, Tensor, Tensor
 
 
 def lorapro_adjust(A: Tensor, B: Tensor, a: Tensor, b: Tensor, *, scaling: float, delta: float,
-                   sylvester: bool, eig: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                   sylvester: bool, eig: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+                   row_sum: Callable = lambda t: t) -> tuple[Tensor, Tensor]:
     """LoRA-Pro's closed-form adjusted factor gradients (specs/lorapro.md §2.1).
 
     ``A [r, n]``, ``B [m, r]``, and a consistent gradient-like pair ``a [r, n]``, ``b [m, r]`` (true LoRA
@@ -414,6 +415,9 @@ def lorapro_adjust(A: Tensor, B: Tensor, a: Tensor, b: Tensor, *, scaling: float
     (fp32 Grams of ill-conditioned factors are not numerically SPD); only the r×n and m×r products run in the
     factors' dtype. The m×m projector is never formed. ``eig``: ``lorapro_eigh(*lorapro_grams(A, B))``, if known
     (it depends on A and B only, so one decomposition serves both adjustments of a step, and can be batched).
+    Under FSDP2 ``B``/``b`` (and so ``h_B``) may be this rank's rows while ``A``/``a`` are whole: the only sum over
+    B's rows, ``Bᵀb``, then goes through ``row_sum`` (an r×r all-reduce), and ``eig`` must come from the
+    all-reduced ``BᵀB`` (specs/lorapro.md §7).
     """
     dtype = A.dtype
     eb, qb, ea, qa = eig if eig is not None else lorapro_eigh(*lorapro_grams(A, B))
@@ -421,7 +425,7 @@ def lorapro_adjust(A: Tensor, B: Tensor, a: Tensor, b: Tensor, *, scaling: float
     a_inv = (qa / (ea + delta)) @ qa.T  # (AAᵀ + δI)⁻¹
     inv_s2 = 1.0 / scaling**2
     h_a = inv_s2 * (b_inv.to(dtype) @ a)
-    b_perp = b - B @ (b_inv @ (B.double().T @ b.double())).to(dtype)  # (I − P_B) b
+    b_perp = b - B @ (b_inv @ row_sum(B.double().T @ b.double())).to(dtype)  # (I − P_B) b
     h_b = inv_s2 * (b_perp @ a_inv.to(dtype))
     if sylvester:
         c = -inv_s2 * (b_inv @ (a.double() @ A.double().T))
