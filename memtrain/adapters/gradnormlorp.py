@@ -26,9 +26,8 @@ from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from ..distributed import local
 from ..optim.base import _check_betas, _check_hyper, fp32_view
-from ..optim.transforms import adam_direction_, svd_projector
+from ..optim.transforms import adam_direction_, adamw_hf_, svd_projector
 from .common import build_adapter_optimizer, lora_layers, make_pair, named_adapter_tensors, tensor_group
 
 METHOD = "gradnormlorp"
@@ -132,15 +131,7 @@ class GradNormLoRPMixin:
 
 
 def _adamw_hf_update(optimizer, param, grad, state, group, rows) -> None:
-    if not state:
-        state["step"] = 0
-        state["exp_avg"] = rows.keep(torch.zeros_like(param, dtype=torch.float32))
-        state["exp_avg_sq"] = rows.keep(torch.zeros_like(param, dtype=torch.float32))
-    state["step"] += 1
-    beta1, beta2 = group["betas"]
-    d = adam_direction_(local(state["exp_avg"]), local(state["exp_avg_sq"]), grad.float(), step=state["step"], beta1=beta1,
-                        beta2=beta2, eps=group["eps"], torch_eps=False)
-    _apply_hf(param, d, group["lr"], group["weight_decay"])
+    optimizer.adam_step(param, grad, state, group, adamw_hf_, rows)
 
 
 def _apply_hf(param, direction, lr, weight_decay) -> None:
