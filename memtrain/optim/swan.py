@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import warnings
 
+from torch import Tensor
+
+from ..distributed import Rows, unsharded
 from .base import MemtrainOptimizer, _check_hyper, fp32_view
 from .registry import OptimizerSpec, register
-from .transforms import as_out_in, descend_, standardize, unit_rms, whiten
+from .transforms import as_out_in, descend_, frobenius_sq, standardize, unit_rms, whiten
 
 
 class SWAN(MemtrainOptimizer):
@@ -42,14 +45,39 @@ class SWAN(MemtrainOptimizer):
                               "they get the AdamW-T fallback", stacklevel=2)
 
     def update(self, param, grad, state, group, rows):
-        g = as_out_in(grad.float(), group.get("layout", "linear"))
-        x = standardize(g, dim=group["norm_dim"], eps=group["row_eps"])
-        if not group["fp32_whitening"]:
-            x = x.to(grad.dtype)
-        delta = whiten(x, steps=group["ns_steps"], damping=group["damping"], centered_dim=group["norm_dim"])
-        delta = unit_rms(delta.float())
+        layout = group.get("layout", "linear")
+        delta = swan_direction(grad, rows, layout=layout, norm_dim=group["norm_dim"], row_eps=group["row_eps"],
+                               ns_steps=group["ns_steps"], damping=group["damping"],
+                               fp32_whitening=group["fp32_whitening"])
         with fp32_view(param) as p32:
-            descend_(as_out_in(p32, group.get("layout", "linear")), delta, lr=group["lr"], weight_decay=group["weight_decay"])
+            descend_(as_out_in(p32, layout), delta, lr=group["lr"], weight_decay=group["weight_decay"])
+
+
+def swan_direction(grad: Tensor, rows: Rows, *, layout: str = "linear", norm_dim: int = 1, row_eps: float = 1e-8,
+                   ns_steps: int = 10, damping: float = 1e-6, fp32_whitening: bool = True) -> Tensor:
+    """SWAN's update direction (swan.md §2.1–2.3, ``[out, in]``) for this rank's rows ``grad`` of a matrix split as
+    ``rows`` says; unsharded rows make every collective the identity (the single-process numerics).
+
+    Under FSDP2 (swan.md §7): GradNorm over rows is local (``norm_dim=0`` all-reduces three length-n column
+    statistics); the right side all-reduces the n×n Gram, the left side all-gathers X, and both compute Z on
+    ``rows.owner`` (round-robin over matrices) and broadcast it; the rescale all-reduces ‖Δ‖² in fp64."""
+    g = as_out_in(grad.float(), layout)
+    if layout == "conv1d":  # the [out, in] view's rows; FSDP2 refuses conv1d (base._check_param), so unsharded
+        rows = unsharded(g)
+    x = standardize(g, dim=norm_dim, eps=row_eps, column_mean=rows.column_mean)
+    if not fp32_whitening:
+        x = x.to(grad.dtype)
+    delta = whiten(x, steps=ns_steps, damping=damping, centered_dim=norm_dim, total_rows=rows.total,
+                   gram_sum=rows.sum, gather=rows.gather, mine=rows.mine, on_owner=_on_owner(rows))
+    return unit_rms(delta.float(), norm_sq=lambda d: rows.sum(frobenius_sq(d)), numel=rows.total * delta.shape[1])
+
+
+def _on_owner(rows: Rows):
+    """``whiten``'s ``on_owner`` hook: solve on ``rows.owner`` only, broadcast the result (bitwise identical on every
+    rank, README §2.7); the other ranks receive it into ``like``. Unsharded: the owner is this process."""
+    def run(solve, like: Tensor) -> Tensor:
+        return rows.broadcast(solve() if rows.is_owner else like)
+    return run
 
 
 register(OptimizerSpec(
@@ -58,6 +86,6 @@ register(OptimizerSpec(
     description="SWAN: row-standardised, Newton–Schulz-whitened gradient on hidden matrices (no state there); "
                 "AdamW-T on the rest",
     stateless=True,
-    fsdp2=False,  # the Gram all-reduce / owner-rank whitening of swan.md §7 is not implemented yet
+    fsdp2=True,  # n×n Gram all-reduce (right) / all-gather (left), Z on the owner rank + broadcast (swan.md §7)
     deepspeed=False,  # flat 1-D partitions have no rows: refused
 ))

@@ -292,14 +292,20 @@ def sinkhorn(g: Tensor, iterations: int = 5, eps: float = 1e-8, column_mean: Cal
     return x
 
 
-def standardize(g: Tensor, dim: int = 1, eps: float = 1e-8, rel_tol: float = 1e-5) -> Tensor:
+def standardize(g: Tensor, dim: int = 1, eps: float = 1e-8, rel_tol: float = 1e-5,
+                column_mean: Callable = column_mean) -> Tensor:
     """SWAN's GradNorm (swan.md §2.1): subtract the mean over ``dim`` and divide by the population std.
 
     A slice whose std is at most ``max(eps, rel_tol·RMS)`` is constant (or zero) up to fp32 centering noise and
-    becomes exactly 0; dividing by that noise would blow it up to unit RMS and break scale invariance."""
-    x = g - g.mean(dim=dim, keepdim=True)
-    sigma = x.square().mean(dim=dim, keepdim=True).sqrt_()
-    rms = g.square().mean(dim=dim, keepdim=True).sqrt_()
+    becomes exactly 0; dividing by that noise would blow it up to unit RMS and break scale invariance.
+    ``dim=1`` (rows, the default) is local under FSDP2's row sharding; ``dim=0`` takes its three column
+    statistics from ``column_mean`` (``distributed.Rows.column_mean`` all-reduces them)."""
+    def mean(t: Tensor) -> Tensor:
+        return column_mean(t) if dim == 0 else t.mean(dim=dim, keepdim=True)
+
+    x = g - mean(g)
+    sigma = mean(x.square()).sqrt_()
+    rms = mean(g.square()).sqrt_()
     keep = sigma > (rms * rel_tol).clamp_(min=eps)
     return torch.where(keep, x / torch.where(keep, sigma, torch.ones_like(sigma)), torch.zeros_like(x))
 
@@ -321,45 +327,103 @@ def newton_schulz_inv_sqrt(a: Tensor, steps: int) -> Tensor:
     return z
 
 
-def whiten(x: Tensor, *, steps: int = 10, damping: float = 1e-6, centered_dim: int | None = 1) -> Tensor:
-    """SWAN's GradWhitening (swan.md §2.2): approximately the polar factor of ``x``, not yet rescaled.
+def whitening_side(m: int, n: int, centered_dim: int | None = 1) -> bool:
+    """True when SWAN whitens an m×n matrix on the right (``XᵀX``): m > n, or square with rows centred (or
+    nothing centred). The side rule of specs/README.md §2.1, with a square matrix going to the side whose Gram
+    has the all-ones null vector, where :func:`whitening_root` deflates it."""
+    return m > n or (m == n and centered_dim != 0)
 
-    The short side's Gram is used (right, ``XᵀX``, when m > n; left, ``XXᵀ``, when m < n). ``centered_dim`` is the
-    dim that GradNorm centred: it makes the all-ones vector a null vector of one Gram (``XᵀX`` for rows centred,
-    ``XXᵀ`` for columns), and a square matrix takes that side (right for the default rows, as the side rule of
-    specs/README.md §2.1 says). On that side the rank-one deflation ``(μA/d)·11ᵀ`` gives the null vector a
+
+def whitening_root(a: Tensor, *, steps: int, damping: float, deflate: bool) -> Tensor:
+    """``Z ≈ (A'/‖A'‖_F)^{-1/2}`` from the short-side Gram ``A`` (swan.md §2.2), ``A' = A [+ (μA/d)·11ᵀ] + δ·μA·I``.
+
+    ``deflate`` (the Gram of the centred side) adds the rank-one term that gives the all-ones null vector a
     typical eigenvalue (exact, because X is orthogonal to it), without which the coupled iteration amplifies
-    rounding noise along it by 1.5× per step. The damping ``δ·μA·I`` keeps the Gram positive definite in fp32.
-    An all-zero ``x`` (trace 0) runs the iteration on the identity instead, which gives Δ = 0 exactly without a
-    NaN and without a host round trip."""
-    m, n = x.shape
-    right = m > n or (m == n and centered_dim != 0)
+    rounding noise along it by 1.5× per step. The damping ``δ·μA·I`` keeps A' positive definite in fp32. An
+    all-zero Gram (trace 0) runs the iteration on the identity instead, which gives Δ = 0 exactly without a NaN,
+    without a host round trip and without a branch (so under FSDP2 every rank runs the same collectives)."""
+    d = a.shape[0]
+    eye = torch.eye(d, dtype=a.dtype, device=a.device)
+    mean_eig = a.diagonal().sum() / d
+    if deflate:
+        a = a + mean_eig / d
+    a = a + (damping * mean_eig) * eye
+    a = torch.where(mean_eig > 0, a, eye)
+    return newton_schulz_inv_sqrt(a, steps)
+
+
+@contextmanager
+def _ieee_on_cuda(x: Tensor):
+    """TF32 off for fp32 CUDA matmuls inside SWAN's solver (specs/README.md §2.3); nothing elsewhere. Only the new
+    ``fp32_precision`` flag is touched: torch refuses mixing it with the legacy ``allow_tf32``."""
     flags = torch.backends.cuda.matmul
-    ieee = x.is_cuda and x.dtype == torch.float32  # TF32 off in the solver (specs/README.md §2.3)
-    previous = flags.fp32_precision if ieee else None  # the new flag API only: torch refuses mixing it with
-    if ieee:                                            # the legacy ``allow_tf32``
+    ieee = x.is_cuda and x.dtype == torch.float32
+    previous = flags.fp32_precision if ieee else None
+    if ieee:
         flags.fp32_precision = "ieee"
     try:
-        a = x.T @ x if right else x @ x.T
-        d = a.shape[0]
-        eye = torch.eye(d, dtype=a.dtype, device=a.device)
-        mean_eig = a.diagonal().sum() / d
-        if centered_dim == (1 if right else 0):
-            a = a + mean_eig / d
-        a = a + (damping * mean_eig) * eye
-        a = torch.where(mean_eig > 0, a, eye)
-        z = newton_schulz_inv_sqrt(a, steps)
-        return x @ z if right else z @ x
+        yield
     finally:
         if ieee:
             flags.fp32_precision = previous
 
 
-def unit_rms(delta: Tensor) -> Tensor:
+def _whole(t: Tensor) -> Tensor:
+    return t
+
+
+def _here(solve: Callable[[], Tensor], like: Tensor) -> Tensor:
+    return solve()
+
+
+def whiten(x: Tensor, *, steps: int = 10, damping: float = 1e-6, centered_dim: int | None = 1,
+           total_rows: int | None = None, gram_sum: Callable = _whole, gather: Callable = _whole,
+           mine: Callable = _whole, on_owner: Callable = _here) -> Tensor:
+    """SWAN's GradWhitening (swan.md §2.2): approximately the polar factor of ``x``, not yet rescaled.
+
+    The short side's Gram is used (right, ``Δ = X·Z`` with ``Z`` from ``XᵀX``, when m > n; left, ``Δ = Z·X`` from
+    ``XXᵀ``, when m < n; square: :func:`whitening_side`), and :func:`whitening_root` turns it into ``Z``.
+    ``centered_dim`` is the dim GradNorm centred (its Gram is deflated).
+
+    The defaults whiten the whole matrix ``x``. Under FSDP2 (swan.md §7) ``x`` is this rank's rows of a
+    ``total_rows``-row matrix and the hooks are the collectives of ``distributed.Rows``, so the same code runs:
+
+    * right side: ``gram_sum`` all-reduces the n×n Gram (``Σ_k X_kᵀX_k``), ``on_owner(solve, like)`` runs
+      ``solve()`` on one rank and broadcasts the result into ``like`` elsewhere (so Z is bitwise identical on all
+      ranks), and ``Δ_k = X_k·Z`` is local;
+    * left side: ``gather`` assembles the whole X on every rank, ``on_owner`` solves ``Z`` from ``XXᵀ`` on one
+      rank and broadcasts it (m² < m·n floats, cheaper than Δ), and ``Δ_k = mine(Z)·X`` uses this rank's rows.
+
+    With the identity defaults every step is the unsharded computation, bitwise."""
+    m, n = (x.shape[0] if total_rows is None else total_rows), x.shape[1]
+    right = whitening_side(m, n, centered_dim)
+    deflate = centered_dim == (1 if right else 0)
+    with _ieee_on_cuda(x):
+        if right:
+            a = gram_sum(x.T @ x)
+            z = on_owner(lambda: whitening_root(a, steps=steps, damping=damping, deflate=deflate),
+                         torch.empty_like(a))
+            return x @ z
+        full = gather(x)
+        z = on_owner(lambda: whitening_root(full @ full.T, steps=steps, damping=damping, deflate=deflate),
+                     x.new_empty((m, m)))
+        return mine(z) @ full
+
+
+def frobenius_sq(x: Tensor) -> Tensor:
+    """``‖x‖_F²`` of a 2-D tensor as a 0-d fp64 tensor: summed per row in x's dtype, across rows in fp64 (an empty
+    ``x`` gives 0)."""
+    return x.square().sum(dim=-1).double().sum()
+
+
+def unit_rms(delta: Tensor, norm_sq: Callable = frobenius_sq, numel: int | None = None) -> Tensor:
     """Rescale ``delta`` to entry-RMS 1 (swan.md §2.3); zero stays zero. ``‖Δ‖²`` is summed per row in fp32 and
-    across rows in fp64: an fp32 total over ~1e5 entries is off by ~2e-6, more than the unit-RMS tolerance."""
-    sq = delta.square().sum(dim=-1).double().sum()
-    scale = torch.where(sq > 0, (delta.numel() / sq).sqrt(), torch.zeros_like(sq))
+    across rows in fp64: an fp32 total over ~1e5 entries is off by ~2e-6, more than the unit-RMS tolerance.
+    Under FSDP2 ``delta`` is this rank's rows, ``norm_sq`` all-reduces the fp64 partial sums and ``numel`` is the
+    global matrix's element count."""
+    sq = norm_sq(delta)
+    numel = delta.numel() if numel is None else numel
+    scale = torch.where(sq > 0, (numel / sq).sqrt(), torch.zeros_like(sq))
     return delta * scale.to(delta.dtype)
 
 
