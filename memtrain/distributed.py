@@ -110,7 +110,9 @@ class Rows:
     def norm_sq(self, x: Tensor) -> Tensor:
         """``‖X‖_F²`` of the global matrix as a 0-d fp64 tensor: summed per row in x's dtype, across rows (and
         ranks) in fp64."""
-        return self.sum(x.square().reshape(x.shape[0], -1).sum(dim=-1).double().sum())
+        sq = x.square()
+        per_row = sq.flatten(1).sum(dim=-1) if x.dim() > 1 else sq  # flatten(1), not reshape: empty shards work
+        return self.sum(per_row.double().sum())
 
     # -- full -----------------------------------------------------------------------------------------------
     def gather(self, x: Tensor) -> Tensor:
