@@ -4,7 +4,7 @@ optimizer, the state must be placed as the specs' §7 say (per-rank rows via ``R
 plain tensors bitwise identical on every rank), and an empty shard (a rank with 0 rows) must work.
 
 Shapes are chosen for 3 ranks (torch.chunk split): 7 rows -> 3/3/1, 5 -> 2/2/1, 4 -> 2/2/0 (an empty shard),
-3 -> 1/1/1. The real 2-rank FSDP2 run is tests/distributed/test_parity.py."""
+3 -> 1/1/1, 2 -> 1/1/0 (an empty 1-D shard). The real 2-rank FSDP2 run is tests/distributed/test_parity.py."""
 import pytest
 import torch
 from torch import nn
@@ -80,9 +80,10 @@ def check_sharded(make_opt, shapes: dict[str, tuple], roles: dict[str, str], rep
 
 
 def test_scale_rows_local_head_momentum_sharded_embedding_columns_all_reduced():
-    shapes = {"q_proj.weight": (7, 6), "embed_tokens.weight": (4, 5), "lm_head.weight": (5, 6), "norm.weight": (5,)}
+    shapes = {"q_proj.weight": (7, 6), "embed_tokens.weight": (4, 5), "lm_head.weight": (5, 6), "norm.weight": (5,),
+              "bias": (2,)}
     roles = {"q_proj.weight": "matrix", "embed_tokens.weight": "embedding", "lm_head.weight": "head",
-             "norm.weight": "vector"}
+             "norm.weight": "vector", "bias": "vector"}
     ranks = check_sharded(lambda g: SCALE(g, lr=0.05, weight_decay=0.1, adam_lr=0.01), shapes, roles, set())
     opt = ranks[0][1]
     assert {g["names"][0]: g["branch"] for g in opt.param_groups}["embed_tokens.weight"] == "columns"
@@ -99,10 +100,10 @@ def test_scale_embedding_columns_need_the_all_reduce():
                       {"embed_tokens.weight": "embedding", "lm_head.weight": "head"}, set(), rows_cls=LocalRows)
 
 
-ADAFACTOR_SHAPES = {"q_proj.weight": (7, 6), "embed_tokens.weight": (4, 5), "norm.weight": (5,),
+ADAFACTOR_SHAPES = {"q_proj.weight": (7, 6), "embed_tokens.weight": (4, 5), "norm.weight": (5,), "bias": (2,),
                     "conv.weight": (3, 4, 5), "narrow.weight": (7, 2)}
 ADAFACTOR_ROLES = {"q_proj.weight": "matrix", "embed_tokens.weight": "embedding", "norm.weight": "vector",
-                   "conv.weight": "other", "narrow.weight": "matrix"}
+                   "bias": "vector", "conv.weight": "other", "narrow.weight": "matrix"}
 
 
 @pytest.mark.parametrize("options", [
@@ -123,14 +124,14 @@ def test_adafactor_row_factor_local_column_factor_replicated(options):
 
 def test_slimadam_fan_in_local_fan_out_all_reduced_and_replicated():
     shapes = {"self_attn.q_proj.weight": (7, 6), "self_attn.v_proj.weight": (4, 6), "embed_tokens.weight": (5, 6),
-              "norm.weight": (5,)}
+              "norm.weight": (5,), "bias": (2,)}
     roles = {"self_attn.q_proj.weight": "matrix", "self_attn.v_proj.weight": "matrix",
-             "embed_tokens.weight": "embedding", "norm.weight": "vector"}
+             "embed_tokens.weight": "embedding", "norm.weight": "vector", "bias": "vector"}
     ranks = check_sharded(lambda g: SlimAdam(g, lr=1e-2, weight_decay=0.1), shapes, roles,
                           replicated={("self_attn.v_proj.weight", "exp_avg_sq")})
     params, opt, _ = ranks[0]
     rules = {g["names"][0]: g["compress_dims"] for g in opt.param_groups}
     assert rules == {"self_attn.q_proj.weight": (1,), "self_attn.v_proj.weight": (0,),
-                     "embed_tokens.weight": (1,), "norm.weight": None}
+                     "embed_tokens.weight": (1,), "norm.weight": None, "bias": None}
     assert opt.state[params["self_attn.v_proj.weight"]]["exp_avg_sq"].shape == (1, 6)  # one value per column
     assert opt.state[params["self_attn.q_proj.weight"]]["exp_avg_sq"].shape == (3, 1)  # this rank's rows
