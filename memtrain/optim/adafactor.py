@@ -19,11 +19,26 @@ import math
 import torch
 from torch import Tensor
 
-from ..distributed import Rows
+from ..distributed import Rows, local
 from .base import MemtrainOptimizer, fp32_view
 from .registry import OptimizerSpec, register
 from .routing import ROLES
-from .transforms import clip_by_rms_, factored_rsqrt, factored_second_moment_, rms
+from .transforms import clip_by_rms_, factored_rsqrt, factored_second_moment_, mean_over_rows, rms
+
+
+def global_rms(x: Tensor, rows: Rows) -> Tensor:
+    """RMS of the whole tensor whose rows ``x`` holds (adafactor.md §7: RMS(U) and RMS(p) are scalar all-reduces).
+
+    Unsharded (one process, DDP): :func:`~memtrain.optim.transforms.rms` itself, HF's ``norm(2) / sqrt(numel)``
+    bit for bit. A row block: the sum of squares per row in fp32, across rows and ranks in fp64 (one 8-byte
+    all-reduce), over the global element count; identical on every rank. Works on an empty block (0 rows), which
+    still joins the all-reduce.
+    """
+    if not rows.sharded:
+        return rms(x)
+    width = math.prod(x.shape[1:])
+    sum_sq = rows.sum(x.square().reshape(x.shape[0], width).sum(dim=-1).double().sum())
+    return (sum_sq / max(rows.total * width, 1)).sqrt().to(x.dtype)
 
 
 class Adafactor(MemtrainOptimizer):
@@ -68,49 +83,60 @@ class Adafactor(MemtrainOptimizer):
                 target["lr"] = None
 
     @staticmethod
-    def _factored(param: Tensor, group: dict) -> bool:
-        return param.dim() >= 2 and min(param.shape[-2:]) >= group["min_dim_to_factor"]
+    def _factored(shape: tuple[int, ...], group: dict) -> bool:
+        """Decided on the GLOBAL shape: under FSDP2 a rank's row count must not change the branch."""
+        return len(shape) >= 2 and min(shape[-2:]) >= group["min_dim_to_factor"]
 
     @staticmethod
-    def _step_size(group: dict, step: int, param: Tensor) -> float | Tensor:
+    def _step_size(group: dict, step: int, param: Tensor, rows: Rows) -> float | Tensor:
         """α_t: ρ_t (relative, or the group lr), times max(ε2, RMS(p)) with scale_parameter. A 0-d tensor when
         it depends on the parameter, so that no value is copied to the host."""
         rho = group["lr"]
         if group["relative_step"]:
             rho = min(1e-6 * step if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(step))
         if group["scale_parameter"]:
-            return rms(param).clamp(min=group["eps2"]) * rho
+            return global_rms(param, rows).clamp(min=group["eps2"]) * rho
         return rho
 
     def update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
         grad = grad.float()
-        factored = self._factored(param, group)
+        shape = (rows.total, *param.shape[1:]) if rows.sharded else tuple(param.shape)  # the global shape
+        factored = self._factored(shape, group)
+        # FSDP2 splits dim 0. For a matrix that is the dim C averages over, so C and mean(R) are all-reduced
+        # (Rows.column_mean: SUM of local sums / global m); R stays with its rows. For a >2-D tensor dim 0 is a
+        # leading (batch) dim of the factorisation, so R, C and mean(R) are all per leading index: local.
+        column_mean = rows.column_mean if len(shape) == 2 else mean_over_rows
         if not state:
             state["step"] = 0
             if group["beta1"] is not None:
-                state["exp_avg"] = torch.zeros_like(grad)
+                state["exp_avg"] = rows.keep(torch.zeros_like(grad))
             if factored:
-                state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[:-1])
-                state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
+                state["exp_avg_sq_row"] = rows.keep(grad.new_zeros(grad.shape[:-1]))
+                col = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
+                # A matrix's [n] column statistic is replicated: a plain tensor, identical on every rank because
+                # it is an EMA of all-reduced values (saved once by DCP). >2-D: sharded with the leading dim.
+                state["exp_avg_sq_col"] = col if len(shape) == 2 else rows.keep(col)
             else:
-                state["exp_avg_sq"] = torch.zeros_like(grad)
+                state["exp_avg_sq"] = rows.keep(torch.zeros_like(grad))
         state["step"] += 1
         step = state["step"]
         beta2 = 1.0 - math.pow(step, group["decay_rate"])  # 0 at t = 1: no bias correction needed
 
         with fp32_view(param) as p32:
-            alpha = self._step_size(group, step, p32)  # RMS(p) of the pre-step parameter
+            alpha = self._step_size(group, step, p32, rows)  # RMS(p) of the pre-step parameter
             sq = grad.square().add_(group["eps1"])  # ε1 added (HF), not used as a floor (torch.optim.Adafactor)
             if factored:
-                factored_second_moment_(state["exp_avg_sq_row"], state["exp_avg_sq_col"], sq, beta2)
-                update = factored_rsqrt(state["exp_avg_sq_row"], state["exp_avg_sq_col"]).mul_(grad)
+                row, col = local(state["exp_avg_sq_row"]), local(state["exp_avg_sq_col"])
+                factored_second_moment_(row, col, sq, beta2, column_mean)
+                update = factored_rsqrt(row, col, column_mean).mul_(grad)
             else:
-                state["exp_avg_sq"].mul_(beta2).add_(sq, alpha=1.0 - beta2)
-                update = state["exp_avg_sq"].rsqrt().mul_(grad)
+                exp_avg_sq = local(state["exp_avg_sq"])
+                exp_avg_sq.mul_(beta2).add_(sq, alpha=1.0 - beta2)
+                update = exp_avg_sq.rsqrt().mul_(grad)
             del sq
-            clip_by_rms_(update, group["clip_threshold"]).mul_(alpha)
+            clip_by_rms_(update, group["clip_threshold"], lambda u: global_rms(u, rows)).mul_(alpha)
             if group["beta1"] is not None:  # momentum on the scaled, clipped update (T2T/HF)
-                update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1.0 - group["beta1"])
+                update = local(state["exp_avg"]).mul_(group["beta1"]).add_(update, alpha=1.0 - group["beta1"])
             if group["weight_decay"] != 0:  # coupled to α_t, from the pre-step parameter: p - λα·p - U
                 if torch.is_tensor(alpha):
                     p32.addcmul_(p32, alpha, value=-group["weight_decay"])
@@ -123,6 +149,6 @@ register(OptimizerSpec(
     name="adafactor",
     cls=Adafactor,
     description="Adafactor: factored second moment (≈0 B/param on matrices), update clipping; HF-identical",
-    fsdp2=False,  # the column statistic needs an all-reduce under Shard(0): the distributed issue adds it
+    fsdp2=True,  # R local, C from all-reduced column sums (replicated), mean(R)/RMS(U)/RMS(p) scalar all-reduces
     deepspeed=False,  # factored moments need the matrix shape
 ))

@@ -31,6 +31,7 @@ from typing import Literal
 
 import torch
 
+from ..distributed import local
 from .base import MemtrainOptimizer, _check_hyper, fp32_view
 from .registry import OptimizerSpec, register
 from .transforms import adamw_scale_, as_out_in, descend_, rms_normalize
@@ -80,13 +81,16 @@ class SCALE(MemtrainOptimizer):
             return
         g = grad.float()
         if branch == "momentum":
-            if not state:  # stored in the parameter's own orientation (specs/README.md §2.1)
-                state["momentum"] = torch.zeros_like(param, dtype=_DTYPES[group["state_dtype"]])
-            buf = state["momentum"]
+            if not state:  # stored in the parameter's own orientation (specs/README.md §2.1), sharded like it
+                state["momentum"] = rows.keep(torch.zeros_like(param, dtype=_DTYPES[group["state_dtype"]]))
+            buf = local(state["momentum"])
             buf.lerp_(grad.to(buf.dtype), 1 - group["momentum"])  # no bias correction: the normalisation removes it
             g = buf.float()
+        # Row RMS (matrix, head) is local to a row block under FSDP2; the embedding's column RMS over the vocabulary
+        # all-reduces the d column sums of squares and divides by the global V (scale.md §7).
         dim = 0 if branch == "columns" else 1
-        u = rms_normalize(as_out_in(g, group.get("layout", "linear")), dim=dim, eps=group["norm_eps"])
+        u = rms_normalize(as_out_in(g, group.get("layout", "linear")), dim=dim, eps=group["norm_eps"],
+                          column_mean=rows.column_mean)
         with fp32_view(param) as p32:
             descend_(as_out_in(p32, group.get("layout", "linear")), u, lr=lr, weight_decay=wd)
 
@@ -96,6 +100,6 @@ register(OptimizerSpec(
     cls=SCALE,
     description="SCALE: row-RMS-normalised SGD on matrices, column-normalised embedding, momentum only on the head, "
                 "AdamW on norm gains",
-    fsdp2=False,  # the embedding's column all-reduce of scale.md §7 is not implemented yet
+    fsdp2=True,  # rows local, head momentum sharded, embedding column RMS: one all-reduce of d sums (scale.md §7)
     deepspeed=False,  # flat 1-D partitions have no rows: refused
 ))

@@ -21,7 +21,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from ..distributed import Rows
+from ..distributed import Rows, local
 from .base import MemtrainOptimizer, fp32_view
 from .registry import OptimizerSpec, register
 from .routing import ROLES
@@ -145,16 +145,21 @@ class SlimAdam(MemtrainOptimizer):
         dim = self._stored_dim(group)
         if not state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
+            state["exp_avg"] = rows.keep(torch.zeros_like(param, dtype=torch.float32))  # sharded like p
             shape = list(param.shape)
             shape[dim] = 1
-            state["exp_avg_sq"] = param.new_zeros(shape, dtype=torch.float32)
+            v = param.new_zeros(shape, dtype=torch.float32)
+            # Under FSDP2 (rows split on dim 0): K=(1,) keeps one value per row, sharded with the rows; K=(0,)
+            # keeps one value per column, [1, n], replicated as a plain tensor (identical on every rank: an EMA of
+            # all-reduced column means), saved once by DCP (slimadam.md §7).
+            state["exp_avg_sq"] = v if dim == 0 else rows.keep(v)
         state["step"] += 1
         beta1, beta2 = group["betas"]
         with fp32_view(param) as p32:
-            slim_adamw_t_(p32, grad.float(), state["exp_avg"], state["exp_avg_sq"], dim=dim, step=state["step"],
-                          lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                          weight_decay=group["weight_decay"])
+            slim_adamw_t_(p32, grad.float(), local(state["exp_avg"]), local(state["exp_avg_sq"]), dim=dim,
+                          step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                          weight_decay=group["weight_decay"],
+                          mean=rows.column_mean if dim == 0 else None)  # over all m rows: an all-reduce of n sums
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch restores every group key from the checkpoint; the rules of this optimizer (the user's current
@@ -219,6 +224,6 @@ register(OptimizerSpec(
     name="slimadam",
     cls=SlimAdam,
     description="SlimAdam: AdamW with the second moment averaged along a per-layer axis (≈4 B/param)",
-    fsdp2=False,  # K=(0,) needs an all-reduce of column sums under Shard(0): the distributed issue adds it
+    fsdp2=True,  # K=(1,) and M local (sharded), K=(0,) all-reduces n column sums, V [1, n] replicated
     deepspeed=False,  # compressed axes need the matrix shape
 ))

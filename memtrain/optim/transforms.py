@@ -178,29 +178,42 @@ def rms(x: Tensor) -> Tensor:
     return x.norm(2) / max(x.numel(), 1) ** 0.5
 
 
-def factored_second_moment_(row: Tensor, col: Tensor, sq: Tensor, beta2: float) -> None:
+def mean_over_rows(x: Tensor) -> Tensor:
+    """The mean over the second-to-last dim (keepdim): Adafactor's "over the rows" reduction, and the default
+    ``column_mean`` of the two factored functions below. Under FSDP2 a sharded matrix passes
+    ``distributed.Rows.column_mean`` instead (same values, all-reduced over the row blocks)."""
+    return x.mean(dim=-2, keepdim=True)
+
+
+def factored_second_moment_(row: Tensor, col: Tensor, sq: Tensor, beta2: float,
+                            column_mean: Callable = mean_over_rows) -> None:
     """Adafactor's factored EMA of ``sq`` (G² + ε1) over its last two dims, in place.
 
     ``row`` (shape ``sq.shape[:-1]``) tracks the mean over the last dim, ``col`` (``sq.shape[:-2] + sq.shape[-1:]``)
-    the mean over the second-to-last dim; the rank-1 reconstruction is in :func:`factored_rsqrt`.
+    the mean over the second-to-last dim, taken by ``column_mean`` (keepdim); the rank-1 reconstruction is in
+    :func:`factored_rsqrt`. The row statistic never leaves its rows, so a row block's ``row`` is local under FSDP2.
     """
     row.mul_(beta2).add_(sq.mean(dim=-1), alpha=1 - beta2)
-    col.mul_(beta2).add_(sq.mean(dim=-2), alpha=1 - beta2)
+    col.mul_(beta2).add_(column_mean(sq).squeeze(-2), alpha=1 - beta2)
 
 
-def factored_rsqrt(row: Tensor, col: Tensor) -> Tensor:
+def factored_rsqrt(row: Tensor, col: Tensor, column_mean: Callable = mean_over_rows) -> Tensor:
     """``rsqrt`` of the rank-1 estimate ``V̂ = R Cᵀ / mean(R)`` as the outer product of two factors.
 
     Equal to the paper's sums form ``R_s C_sᵀ / Σ R_s``; computed as HF/fairseq do (row factor normalised by its
     mean, then multiplied by ``rsqrt(C)``), so results match ``transformers.optimization.Adafactor`` bitwise.
+    ``mean(R)`` is the mean over all rows, taken by ``column_mean`` on ``R`` as a column (``[..., m, 1]``): the
+    same reduction as ``row.mean(dim=-1)`` bit for bit, and a scalar all-reduce when ``row`` is a row block.
     """
-    r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+    row_mean = column_mean(row.unsqueeze(-1)).squeeze(-1)
+    r_factor = (row / row_mean).rsqrt_().unsqueeze(-1)
     c_factor = col.unsqueeze(-2).rsqrt()
     return torch.mul(r_factor, c_factor)
 
 
-def clip_by_rms_(update: Tensor, threshold: float) -> Tensor:
-    """Scale ``update`` in place so that its RMS is at most ``threshold`` (Adafactor's update clipping)."""
+def clip_by_rms_(update: Tensor, threshold: float, rms: Callable = rms) -> Tensor:
+    """Scale ``update`` in place so that its RMS is at most ``threshold`` (Adafactor's update clipping). ``rms``
+    measures the whole tensor (a scalar all-reduce when ``update`` is a row block)."""
     return update.div_((rms(update) / threshold).clamp_(min=1.0))
 
 
@@ -217,16 +230,19 @@ def slim_adamw_t_(
     beta2: float,
     eps: float,
     weight_decay: float,
+    mean: Callable | None = None,
 ) -> None:
     """AdamW-T (:func:`adamw_t_`, same operation order) whose second moment is averaged along ``dim``.
 
     ``exp_avg`` has the shape of ``param``; ``exp_avg_sq`` keeps ``dim`` with size 1 and broadcasts against it
-    (SlimAdam, specs/slimadam.md §2). ``dim`` is a stored-tensor dim.
+    (SlimAdam, specs/slimadam.md §2). ``dim`` is a stored-tensor dim. ``mean`` (keepdim) replaces
+    ``x.mean(dim=dim, keepdim=True)`` where ``dim`` is split across ranks (FSDP2: ``Rows.column_mean`` for dim 0).
     """
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).add_(grad.square().mean(dim=dim, keepdim=True), alpha=1 - beta2)
+    sq = grad.square()
+    exp_avg_sq.mul_(beta2).add_(sq.mean(dim=dim, keepdim=True) if mean is None else mean(sq), alpha=1 - beta2)
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
