@@ -22,6 +22,14 @@ from memtrain import distributed
 from memtrain.metrics import optimizer_state_bytes, storage_bytes
 
 STEPS, LR, GLOBAL_BATCH, LENGTH, VOCAB = 4, 3e-3, 8, 16, 64
+#: Options that make each method do its real work on this tiny model: a true low rank and a projector refresh
+#: inside the K steps (galore, fira); a threshold under the model's largest tensors (64×32, 48×32) so that
+#: adam4bit quantises them instead of keeping every tensor in fp32.
+OPTIONS = {
+    "galore": {"rank": 8, "update_proj_gap": 2},
+    "fira": {"rank": 8, "update_proj_gap": 2},
+    "adam4bit": {"threshold": 1024},
+}
 
 
 def tiny_llama():
@@ -99,7 +107,7 @@ def main():
         for name in args.optims.split(","):
             for engine in args.engines.split(","):
                 try:
-                    results[f"{name}/{engine}"] = run_case(name, engine, rank, world, {})
+                    results[f"{name}/{engine}"] = run_case(name, engine, rank, world, OPTIONS.get(name, {}))
                 except Exception as e:  # recorded, so one refusal does not hide the other cases
                     results[f"{name}/{engine}"] = {"error": f"{type(e).__name__}: {e}",
                                                    "trace": traceback.format_exc()[-2000:]}
