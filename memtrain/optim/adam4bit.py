@@ -9,20 +9,29 @@ torchao's and lpmm's default). Tensors with fewer than ``threshold`` elements (g
 and take the plain AdamW path.
 
 State per quantised parameter: ``m_codes``/``v_codes`` (uint8, two codes per byte), ``m_scale`` and either
-``v_row``/``v_col`` or ``v_scale`` (fp32), and the int ``step``; all plain tensors, so ``weights_only`` resume
-works and the base ``load_state_dict`` keeps the uint8 codes uint8.
+``v_row``/``v_col`` or ``v_scale`` (fp32), and the int ``step``; all plain tensors (under FSDP2, per-rank ones
+wrapped as ``Shard(0)`` DTensors), so ``weights_only`` resume works and the base ``load_state_dict`` keeps the
+uint8 codes uint8.
+
+FSDP2 (specs/adam4bit.md §7): blocks are row-aligned, so m and block v encode each rank's rows alone, bitwise as
+unsharded; their codes and scales are ``Shard(0)`` DTensors with the global shape. Rank-1 v keeps its row maxima
+with the rows and takes the column maxima from a MAX all-reduce (``v_col``, replicated). A 1-D tensor's shard is
+encoded in flat blocks of its own. DeepSpeed ZeRO's flat partitions get block v and a one-time warning.
 """
 from __future__ import annotations
 
+import copy
+import math
 import re
-from functools import lru_cache
-from typing import Literal
+import warnings
+from functools import lru_cache, partial
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
 
-from ..distributed import Rows
-from .base import MemtrainOptimizer, fp32_view
+from ..distributed import Rows, local
+from .base import SHAPED_ROLES, MemtrainOptimizer, fp32_view
 from .quant4 import BlockCodec, Rank1Codec, linear_table, signed_de_table
 from .registry import OptimizerSpec, register
 from .routing import ROLES
@@ -80,11 +89,13 @@ class Adam4bit(MemtrainOptimizer):
         return m_codec, "block", v_block
 
     def update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
-        # The global element count (a DTensor reports it), so every rank and world size quantises the same tensors.
-        if not group["quantize"] or param.numel() < group["threshold"]:
+        # The GLOBAL element count (param holds this rank's rows of a sharded tensor), so that every rank and every
+        # world size quantise the same tensors; torchao uses the local count, which makes numerics mesh-dependent.
+        if not group["quantize"] or rows.total * math.prod(param.shape[1:]) < group["threshold"]:
             return self.adamw_update(param, grad, state, group, rows)
         m_codec, v_kind, v_codec = self._codecs(param, group)
         if not state:
+            _warn_if_flat(param, group)
             state["step"] = 0
             exp_avg = torch.zeros_like(param, dtype=torch.float32)
             exp_avg_sq = torch.zeros_like(param, dtype=torch.float32)
@@ -99,27 +110,65 @@ class Adam4bit(MemtrainOptimizer):
         with fp32_view(param) as p32:  # the update uses the new, unquantised moments
             adamw_t_(p32, grad.float(), exp_avg, exp_avg_sq, step=state["step"], lr=group["lr"], beta1=beta1,
                      beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
-        _store(state, "m", m_codec.encode(exp_avg))
-        _store(state, "v", v_codec.encode(exp_avg_sq))
+        keep = rows.keep if param.dim() >= 2 else partial(_keep_flat, rows)
+        _store(state, "m", m_codec.encode(exp_avg), keep, m_codec.replicated)
+        # rank-1: the column maxima are a max over every rank's rows (a MAX all-reduce of n floats)
+        v_fields = v_codec.encode(exp_avg_sq, rows.max) if v_kind == "rank1" else v_codec.encode(exp_avg_sq)
+        _store(state, "v", v_fields, keep, v_codec.replicated)
 
 
-def _store(state: dict, prefix: str, fields: dict[str, Tensor]) -> None:
-    """Write encoded fields into the existing state tensors (same storage every step), or create them."""
-    for key, value in fields.items():
-        key = f"{prefix}_{key}"
+_warned_flat = False
+
+
+def _warn_if_flat(param: Tensor, group: dict) -> None:
+    """Once per process: a matrix-role parameter that arrives 1-D (a DeepSpeed ZeRO or FSDP1 flat partition) cannot
+    have rank-1 V; it gets block V and blocks that follow the flat partition (specs/adam4bit.md §7)."""
+    global _warned_flat
+    if _warned_flat or param.dim() >= 2 or group["v_norm"] != "rank1" or group["role"] not in SHAPED_ROLES:
+        return
+    _warned_flat = True
+    warnings.warn(
+        f"adam4bit: {group['role']} parameters arrive as a flat 1-D partition ({param.numel()} elements here): "
+        "DeepSpeed ZeRO and FSDP1 hand the optimizer flat shards, which have no rows and columns. Their second "
+        f"moment uses block normalisation (B{group['block_size']}/Linear) instead of rank-1, and blocks follow the "
+        "flat partition, so numerics differ slightly from an unsharded run. For rank-1 V use FSDP2 (fully_shard) "
+        "or DDP; v_norm='block' silences this warning. (Warned once.)", stacklevel=4)
+
+
+def _keep_flat(rows: Rows, t: Tensor):
+    """Keep a 1-D per-rank state tensor whose length is not the shard's (the packed codes and block scales of a
+    1-D parameter's shard): a ``Shard(0)`` DTensor whose global length is the sum of the ranks' lengths. Those
+    lengths (ceil(k/2) bytes, ceil(k/block_size) scales of a torch.chunk split of k) are again the torch.chunk split
+    of their sum, so DCP places them right; the layout equals the unsharded one when every shard starts at a
+    multiple of ``block_size``. Unsharded: ``t`` itself."""
+    if not rows.sharded:
+        return t
+    flat = copy.copy(rows)
+    flat.total = int(rows.sum(torch.tensor([t.shape[0]], device=t.device)).item())  # once, when state is created
+    return flat.keep(t)
+
+
+def _store(state: dict, prefix: str, fields: dict[str, Tensor], keep: Callable, replicated: frozenset[str]) -> None:
+    """Write encoded fields into the existing state tensors (same storage every step), or create them: per-rank
+    fields through ``keep`` (a ``Shard(0)`` DTensor under FSDP2), replicated ones (rank-1's column maxima,
+    identical on every rank) as plain tensors."""
+    for name, value in fields.items():
+        key = f"{prefix}_{name}"
         if key in state:
-            state[key].copy_(value)
+            local(state[key]).copy_(value)
         else:
-            state[key] = value
+            state[key] = value if name in replicated else keep(value)
 
 
 def _fields(state: dict, prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + "_")}
+    return {k[len(prefix) + 1:]: local(v) for k, v in state.items() if k.startswith(prefix + "_")}
 
 
 register(OptimizerSpec(
     name="adam4bit",
     cls=Adam4bit,
     description="AdamW with 4-bit moments (B128/DE m, rank-1/linear v): ≈1.03 B/param on large tensors",
-    fsdp2=False,  # rank-1 v needs a MAX all-reduce of the column maxima and DTensor state: the distributed issue
+    # m and block v local (row-aligned blocks, codes and scales Shard(0)); rank-1 v: row maxima local, column
+    # maxima from a MAX all-reduce of n floats (replicated)
+    fsdp2=True,
 ))

@@ -18,7 +18,7 @@ Quantisation is round to nearest in the table, ties to the larger code, which is
 """
 from __future__ import annotations
 
-import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -99,12 +99,21 @@ class _Table:
     def decode_packed(self, packed: Tensor, width: int) -> Tensor:
         """Values of packed codes, ``[rows, width]`` (``width`` ≥ the number of codes; extra entries are 0)."""
         lut = self.pair_lut.to(packed.device)
-        values = lut.index_select(0, packed.reshape(-1).int()).reshape(packed.shape[0], -1)
+        # explicit sizes, never -1: a rank's FSDP2 shard may have 0 rows
+        values = lut.index_select(0, packed.reshape(-1).int()).reshape(packed.shape[0], 2 * packed.shape[-1])
         return torch.nn.functional.pad(values, (0, width - values.shape[-1])) if values.shape[-1] < width else values
 
 
 class BlockCodec:
-    """Row-aligned block-wise absmax normalisation with a 16-entry table (B128/DE for m, B128/Linear for v)."""
+    """Row-aligned block-wise absmax normalisation with a 16-entry table (B128/DE for m, B128/Linear for v).
+
+    Fields: ``codes`` ``[*lead, ceil(n/2)]`` (uint8) and ``scale`` ``[*lead, ceil(n/block_size)]`` (fp32) for a
+    tensor ``[*lead, n]``: dim 0 is the tensor's own, so under FSDP2 a rank's rows encode to its rows of the
+    unsharded fields, bitwise (every block lies inside one row). A 1-D tensor gives flat ``[ceil(k/2)]`` and
+    ``[ceil(k/block_size)]`` fields. Every size is explicit, never -1: a shard may have 0 rows."""
+
+    #: Fields identical on every rank of a sharded tensor (none: every field holds this rank's rows).
+    replicated: frozenset[str] = frozenset()
 
     def __init__(self, table: Tensor, block_size: int = 128):
         self.table = _Table(table)
@@ -112,13 +121,14 @@ class BlockCodec:
 
     def encode(self, x: Tensor) -> dict[str, Tensor]:
         rows = _rows(x)
-        n = rows.shape[-1]
-        pad = -n % self.block_size
+        m, n = rows.shape
+        n_blocks = -(-n // self.block_size)
+        pad = n_blocks * self.block_size - n
         if pad:
             rows = torch.nn.functional.pad(rows, (0, pad))
-        blocks = rows.reshape(rows.shape[0], -1, self.block_size)
+        blocks = rows.reshape(m, n_blocks, self.block_size)
         scale = blocks.abs().amax(dim=-1).clamp_(min=SCALE_FLOOR)  # [rows, n_blocks]
-        codes = quantize((blocks / scale.unsqueeze(-1)).reshape(rows.shape[0], -1), self.table.thresholds)
+        codes = quantize((blocks / scale.unsqueeze(-1)).reshape(m, n + pad), self.table.thresholds)
         if n % 2:
             codes[:, n] = 0  # the pad nibble of an odd row is code 0
         codes = pack(codes)
@@ -126,21 +136,27 @@ class BlockCodec:
             codes = codes[:, : (n + 1) // 2].clone()
         if x.dim() <= 1:
             return {"codes": codes.reshape(-1), "scale": scale.reshape(-1)}
-        return {"codes": codes.reshape(*x.shape[:-1], -1), "scale": scale.reshape(*x.shape[:-1], -1)}
+        return {"codes": codes.reshape(*x.shape[:-1], codes.shape[-1]),
+                "scale": scale.reshape(*x.shape[:-1], n_blocks)}
 
     def decode(self, fields: dict[str, Tensor], shape: torch.Size) -> Tensor:
         n = shape[-1] if len(shape) else 1
         scale = _rows(fields["scale"])
-        values = self.table.decode_packed(_rows(fields["codes"]), scale.shape[-1] * self.block_size)
-        blocks = values.reshape(scale.shape[0], -1, self.block_size) * scale.unsqueeze(-1)
-        return blocks.reshape(scale.shape[0], -1)[:, :n].reshape(shape)
+        m, n_blocks = scale.shape
+        values = self.table.decode_packed(_rows(fields["codes"]), n_blocks * self.block_size)
+        blocks = values.reshape(m, n_blocks, self.block_size) * scale.unsqueeze(-1)
+        return blocks.reshape(m, n_blocks * self.block_size)[:, :n].reshape(shape)
 
 
 class Rank1Codec:
     """Rank-1 normalisation of a non-negative 2-D tensor with the linear table (Rank-1/Linear for v).
 
     Stores ``row`` = max over dim 1 (``[m, 1]``) and ``col`` = max over dim 0 (``[1, n]``); each entry is
-    normalised by ``max(min(row_i, col_j), 1e-12)`` ∈ [0, 1] after division."""
+    normalised by ``max(min(row_i, col_j), 1e-12)`` ∈ [0, 1] after division. Under FSDP2 ``codes`` and ``row``
+    are this rank's rows; ``col`` is a max over all rows, which :meth:`encode` takes through ``column_max``
+    (a MAX all-reduce: exact, so ``col`` is bitwise the unsharded one on every rank)."""
+
+    replicated: frozenset[str] = frozenset({"col"})
 
     def __init__(self, table: Tensor):
         self.table = _Table(table)
@@ -149,11 +165,14 @@ class Rank1Codec:
     def _scale(row: Tensor, col: Tensor) -> Tensor:
         return torch.minimum(row, col).clamp_(min=SCALE_FLOOR)
 
-    def encode(self, x: Tensor) -> dict[str, Tensor]:
+    def encode(self, x: Tensor, column_max: Callable[[Tensor], Tensor] = lambda col: col) -> dict[str, Tensor]:
+        """``column_max`` turns this tensor's column maxima into the whole tensor's (the identity when ``x`` is
+        whole; :meth:`memtrain.distributed.Rows.max` for a row shard)."""
         if x.dim() != 2:
             raise ValueError(f"rank-1 normalisation needs a 2-D tensor, got shape {tuple(x.shape)}")
         row = x.amax(dim=1, keepdim=True)
-        col = x.amax(dim=0, keepdim=True)
+        # x >= 0, so 0 is neutral for the max: a rank with no rows still joins the all-reduce
+        col = column_max(x.amax(dim=0, keepdim=True) if x.shape[0] else x.new_zeros(1, x.shape[1]))
         codes = pack(quantize(x / self._scale(row, col), self.table.thresholds))
         return {"codes": codes, "row": row, "col": col}
 

@@ -27,11 +27,15 @@ def _rel(a, b):
 
 
 def check_sharded(make_opt, shapes: dict[str, tuple], roles: dict[str, str], replicated: set[tuple[str, str]],
-                  rows_cls=ThreadRows):
-    """Run STEPS steps unsharded and on WORLD simulated ranks; compare parameters and state.
+                  rows_cls=ThreadRows, world: int = WORLD, exact: bool = False, tol: float = 1e-6):
+    """Run STEPS steps unsharded and on ``world`` simulated ranks; compare parameters and state (to ``tol``
+    relative, or bitwise with ``exact``).
 
     ``replicated``: the (param name, state key) pairs that must be plain tensors identical on every rank; every
     other state tensor must hold this rank's rows and be stored through ``Rows.keep``."""
+    def same(a, b):
+        return torch.equal(a, b) if exact else _rel(a, b) < tol
+
     gen = torch.Generator().manual_seed(0)
     init = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
     # Row scales differ a lot, so a column statistic taken over one rank's rows only would be visibly wrong.
@@ -56,11 +60,11 @@ def check_sharded(make_opt, shapes: dict[str, tuple], roles: dict[str, str], rep
                         opt._update_fn(group)(p, rows[n].mine(grads[step][n]), opt.state[p], group, rows[n])
         return params, opt, rows
 
-    ranks = run_ranks(WORLD, rank)
+    ranks = run_ranks(world, rank)
     assert any(p.shape[0] == 0 for params, _, _ in ranks for p in params.values()), "no empty shard exercised"
     for n, p in ref.items():
         joined = torch.cat([params[n].detach() for params, _, _ in ranks])
-        assert _rel(joined, p.detach()) < 1e-6, n
+        assert same(joined, p.detach()), n
         assert _rel(joined, init[n]) > 1e-4, n  # it trained
         ref_state = ref_opt.state[p]
         for key, want in ref_state.items():
@@ -72,10 +76,10 @@ def check_sharded(make_opt, shapes: dict[str, tuple], roles: dict[str, str], rep
             if (n, key) in replicated:
                 assert not any(kept), f"{n}.{key} is replicated, must not be stored with Rows.keep"
                 assert all(torch.equal(t, got[0]) for t in got), f"{n}.{key} differs across ranks"
-                assert _rel(got[0], want) < 1e-6, (n, key)
+                assert same(got[0], want), (n, key)
             else:
                 assert all(kept), f"{n}.{key} holds this rank's rows and must be stored with Rows.keep"
-                assert _rel(torch.cat(got), want) < 1e-6, (n, key)
+                assert same(torch.cat(got), want), (n, key)
     return ranks
 
 
