@@ -132,7 +132,7 @@ def _warn_if_flat(param: Tensor, group: dict) -> None:
         "DeepSpeed ZeRO and FSDP1 hand the optimizer flat shards, which have no rows and columns. Their second "
         f"moment uses block normalisation (B{group['block_size']}/Linear) instead of rank-1, and blocks follow the "
         "flat partition, so numerics differ slightly from an unsharded run. For rank-1 V use FSDP2 (fully_shard) "
-        "or DDP; v_norm='block' silences this warning. (Warned once.)", stacklevel=4)
+        "or DDP; v_norm='block' silences this warning. (Warned once.)", stacklevel=2)
 
 
 def _keep_flat(rows: Rows, t: Tensor):
