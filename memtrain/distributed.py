@@ -46,22 +46,25 @@ def local(t):
 class Rows:
     """The row split of one matrix across the ranks of a process group (``mesh=None``: not split)."""
 
-    def __init__(self, total: int, start: int = 0, *, mesh=None, owner: int = 0):
+    def __init__(self, total: int, start: int = 0, *, mesh=None, position: int = 0):
         self.total = total  #: global number of rows (dim 0)
         self.start = start  #: first global row held by this rank
+        #: the parameter's 0-based position in the optimizer, over all param groups (the update receives only the
+        #: local rows of a DTensor, so it cannot find the parameter in its group by identity)
+        self.position = position
         self.mesh = mesh
         self.group = mesh.get_group() if mesh is not None else None
         self.world = dist.get_world_size(self.group) if mesh is not None else 1
         self.rank = dist.get_rank(self.group) if mesh is not None else 0
-        self.owner = owner % self.world  #: the rank that computes this matrix's ``full`` operations
+        self.owner = position % self.world  #: the rank that computes this matrix's ``full`` operations
 
     @property
     def sharded(self) -> bool:
         return self.group is not None
 
     @classmethod
-    def of(cls, param: DTensor, name: str, key: int) -> "Rows":
-        """The split of an FSDP2 parameter; ``key`` (the parameter's position in the optimizer) picks the owner.
+    def of(cls, param: DTensor, name: str, position: int) -> "Rows":
+        """The split of an FSDP2 parameter; its ``position`` in the optimizer picks the owner.
         Anything but ``Shard(0)`` on a 1-D mesh (HSDP, tensor parallelism) is refused: the specs' collectives
         are written for row blocks."""
         mesh, placements = param.device_mesh, tuple(param.placements)
@@ -71,7 +74,7 @@ class Rows:
                 "matrix optimizers support FSDP2's row sharding only (Shard(0) on a 1-D mesh, fully_shard without "
                 "HSDP or tensor parallelism). Use an elementwise optimizer such as adamw for other layouts."
             )
-        rows = cls(param.shape[0], mesh=mesh, owner=key)
+        rows = cls(param.shape[0], mesh=mesh, position=position)
         rows.start = min(rows.rank * math.ceil(rows.total / rows.world), rows.total)
         held = param.to_local().shape[0]
         if held != rows.held:
@@ -114,6 +117,13 @@ class Rows:
         per_row = sq.flatten(1).sum(dim=-1) if x.dim() > 1 else sq  # flatten(1), not reshape: empty shards work
         return self.sum(per_row.double().sum())
 
+    def norm(self, x: Tensor) -> Tensor:
+        """``‖X‖_F`` of the global matrix as a 0-d tensor in x's dtype. Unsharded: ``torch.linalg.vector_norm(x)``,
+        bitwise the single-process value; sharded: the root of :meth:`norm_sq` (an fp64 scalar all-reduce)."""
+        if self.group is None:
+            return torch.linalg.vector_norm(x)
+        return self.norm_sq(x).sqrt().to(x.dtype)
+
     # -- full -----------------------------------------------------------------------------------------------
     def gather(self, x: Tensor) -> Tensor:
         """The global matrix from every rank's rows (an all-gather; every rank gets it)."""
@@ -137,6 +147,11 @@ class Rows:
         dist.broadcast(t, src=dist.get_global_rank(self.group, self.owner), group=self.group)
         COMM["broadcast"] += t.numel() * t.element_size()
         return t
+
+    def on_owner(self, solve, like: Tensor) -> Tensor:
+        """``solve()`` run on :attr:`owner` only and broadcast into ``like`` (a buffer of the result's shape and
+        dtype) on the other ranks: a replicated result, bitwise identical everywhere. Unsharded: ``solve()``."""
+        return self.broadcast(solve() if self.is_owner else like)
 
     @property
     def held(self) -> int:
@@ -167,9 +182,10 @@ class Rows:
         return DTensor.from_local(t, self.mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
 
 
-def unsharded(t: Tensor) -> Rows:
-    """The :class:`Rows` of a tensor that is not sharded (one process, DDP): every collective is the identity."""
-    return Rows(t.shape[0] if t.dim() else 1)
+def unsharded(t: Tensor, position: int = 0) -> Rows:
+    """The :class:`Rows` of a tensor that is not sharded (one process, DDP): every collective is the identity.
+    ``position``: the parameter's position in the optimizer (:attr:`Rows.position`)."""
+    return Rows(t.shape[0] if t.dim() else 1, position=position)
 
 
 def comm_bytes() -> int:

@@ -211,15 +211,17 @@ class MemtrainOptimizer(Optimizer):
         state = self.state[param]
         if not state:
             self._check_param(param, group, index)
+        position = self._position(group, index)
         if isinstance(param, DTensor):
-            rows = Rows.of(param, group["names"][index], self._position(group, index))
+            rows = Rows.of(param, group["names"][index], position)
             param, grad = param.to_local(), local(grad)
         else:
-            rows = unsharded(param)
+            rows = unsharded(param, position)
         self._update_fn(group)(param, grad, state, group, rows)
 
     def _position(self, group: dict, index: int) -> int:
-        """The parameter's position in the optimizer: picks its owner rank for ``full`` operations."""
+        """The parameter's position in the optimizer (over all groups): ``Rows.position``; picks its owner rank for
+        ``full`` operations."""
         before = 0
         for g in self.param_groups:
             if g is group:

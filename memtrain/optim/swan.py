@@ -68,16 +68,8 @@ def swan_direction(grad: Tensor, rows: Rows, *, layout: str = "linear", norm_dim
     if not fp32_whitening:
         x = x.to(grad.dtype)
     delta = whiten(x, steps=ns_steps, damping=damping, centered_dim=norm_dim, total_rows=rows.total,
-                   gram_sum=rows.sum, gather=rows.gather, mine=rows.mine, on_owner=_on_owner(rows))
+                   gram_sum=rows.sum, gather=rows.gather, mine=rows.mine, on_owner=rows.on_owner)
     return unit_rms(delta.float(), norm_sq=lambda d: rows.sum(frobenius_sq(d)), numel=rows.total * delta.shape[1])
-
-
-def _on_owner(rows: Rows):
-    """``whiten``'s ``on_owner`` hook: solve on ``rows.owner`` only, broadcast the result (bitwise identical on every
-    rank, README §2.7); the other ranks receive it into ``like``. Unsharded: the owner is this process."""
-    def run(solve, like: Tensor) -> Tensor:
-        return rows.broadcast(solve() if rows.is_owner else like)
-    return run
 
 
 register(OptimizerSpec(

@@ -45,7 +45,7 @@ class Hub:
 
 class ThreadRows(Rows):
     def __init__(self, total: int, rank: int, hub: Hub, owner: int = 0):
-        super().__init__(total)
+        super().__init__(total, position=owner)  # owner: the parameter's position, as Rows.of is given
         self.hub, self.group = hub, hub  # a non-None group: ``sharded`` is True
         self.world, self.rank, self.owner = hub.world, rank, owner % hub.world
         self.start = min(rank * math.ceil(total / hub.world), total)
