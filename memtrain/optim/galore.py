@@ -11,6 +11,20 @@ uncorrected √V, decay after the update; README §2.4) with the same lr and no 
 State per projected parameter is plain (README §2.8): ints ``step``, ``side``, ``refreshes``; fp32 tensors
 ``P``, ``exp_avg``, ``exp_avg_sq`` (Fira: also the 0-d ``prev_residual_norm``). No projector object, so
 ``torch.load(weights_only=True)`` resume works; the randomized solver's seed is rebuilt from stored integers.
+
+Under FSDP2 (galore.md §7, fira.md §7) ``update()`` gets this rank's rows G_k and the collectives of
+:class:`~memtrain.distributed.Rows`:
+
+* the refresh decision (finite, not all zero) is one MIN all-reduce of the local flags, so every rank enters the
+  same collectives, empty shards included;
+* side 0 (m ≥ n, P ``[r, n]`` replicated): a ``gram_eigh`` refresh all-reduces the n×n Gram; ``svd`` and
+  ``randomized`` gather G (the solver the user chose is kept, so the sharded run equals the single-process one);
+  the basis is computed on the owner rank and broadcast. ``R_k = G_k Pᵀ``, the moments ``[m_k, r]`` (sharded,
+  ``Rows.keep``) and ``D_k = N_k P`` are local;
+* side 1 (m < n, P ``[m, r]`` sharded): a refresh gathers G, solves on the owner, broadcasts P and keeps this
+  rank's rows. ``R = Σ_k P_kᵀ G_k`` is an r×n all-reduce, the moments ``[r, n]`` are replicated, ``D_k = P_k N``;
+* Fira: φ is local (per row of a row block on side 0, per column of the replicated N, R on side 1); ‖S‖_F and
+  the ``scaling="matrix"`` norms of side-0 row blocks are scalar all-reduces; ``prev_residual_norm`` is replicated.
 """
 from __future__ import annotations
 
@@ -23,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import transforms as T
-from ..distributed import Rows
+from ..distributed import Rows, local, unsharded
 from .base import MemtrainOptimizer, fp32_view
 from .registry import OptimizerSpec, register
 
@@ -94,77 +108,100 @@ class GaLore(MemtrainOptimizer):
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
 
-    def _solve(self, G: Tensor, rank: int, side: int, state: dict, group: dict, index: int) -> Tensor:
+    def _basis(self, G: Tensor, rank: int, side: int, state: dict, group: dict, index: int) -> Tensor:
+        """The group's solver on the whole matrix G (sign-fixed if asked)."""
         solver = group["projector"]
         if solver == "svd":
             P = T.svd_basis(G, rank, side)
         elif solver == "gram_eigh":
-            P = T.gram_eigh_basis(G, rank, side)
+            return T.gram_eigh_basis(G, rank, side)  # sign-fixed already
         else:
             refreshes = state.get("refreshes", 0)  # the value before this refresh's increment
             s64 = ((group["seed"] * 1_000_003 + index) * 1_000_003 + refreshes) % (2**63)
             P = T.randomized_basis(G, rank, side, torch.Generator("cpu").manual_seed(s64))
-        if group["sign_fix"] and solver != "gram_eigh":
+        if group["sign_fix"]:
             T.sign_fix_(P, side)
-        return _replicated_across_ranks(P)
+        return P
 
-    def _refresh(self, G: Tensor, state: dict, group: dict, index: int, name: str) -> bool:
+    def _solve(self, G: Tensor, rank: int, side: int, state: dict, group: dict, index: int, rows: Rows) -> Tensor:
+        """The whole new basis (side 0 ``[r, n]``, side 1 ``[m, r]``), bitwise identical on every rank.
+
+        Under FSDP2 (galore.md §7) the side-0 ``gram_eigh`` refresh needs only the n×n Gram all-reduced; every
+        other solver needs the whole G, so G is gathered. ``svd``/``randomized`` are not switched to ``gram_eigh``
+        (the spec's auto-switch) [DECISION]: the sharded run then equals the single-process run with the same
+        options. Either way one rank (``rows.owner``) solves and broadcasts."""
+        if group["projector"] == "gram_eigh" and side == 0:
+            P = T.gram_eigh_basis(G, rank, side, gram_sum=rows.sum, on_owner=rows.on_owner)
+        else:
+            whole = rows.gather(G)
+            shape = (rank, whole.shape[1]) if side == 0 else (whole.shape[0], rank)
+            P = rows.on_owner(lambda: self._basis(whole, rank, side, state, group, index), G.new_empty(shape))
+        # DDP: every rank solved on the same G, but solvers need not be bitwise reproducible across devices
+        return P if rows.sharded else _replicated_across_ranks(P)
+
+    def _refresh(self, G: Tensor, state: dict, group: dict, index: int, name: str, rows: Rows) -> bool:
         """Replace P from the current gradient; False when G is non-finite or all zero (then P is kept).
 
-        Only at refresh steps, so the host sync of the finiteness test is paid once per ``update_proj_gap``."""
-        finite, zero = (bool(x) for x in torch.stack([torch.isfinite(G).all(), (G == 0).all()]).tolist())
+        The test is global (README §2.7): a MIN all-reduce of this rank's flags, so that every rank, one with an
+        empty or an all-zero shard too, takes the same branch and enters the same collectives. Only at refresh
+        steps, so the host sync is paid once per ``update_proj_gap``."""
+        local_flags = torch.stack([torch.isfinite(G).all(), (G == 0).all()])
+        finite, zero = (bool(x) for x in rows.all(local_flags).tolist())
         if not finite or zero:
             what = "non-finite" if not finite else "all-zero"
             self._warn_once(f"bad:{name}", f"{self.name}: {what} gradient for {name or 'a parameter'} at a projector "
                             "refresh; keeping the previous projector (or skipping the step if there is none)")
             return False
-        m, n = G.shape
+        m, n = rows.total, G.shape[1]
         side = state.get("side", T.projector_side(m, n, group["proj_type"]))
         rank = min(group["rank"], m, n)
         if rank < group["rank"]:
             if f"rank:{name}" not in self._warned:
                 self._warned.add(f"rank:{name}")
                 logger.info("%s: rank %d clipped to %d for %s %s", self.name, group["rank"], rank, name, (m, n))
-        state["P"] = self._solve(G, rank, side, state, group, index)
+        P = self._solve(G, rank, side, state, group, index, rows)
+        # side 1: P [m, r] is sharded like the weight (this rank's rows, a copy so the whole P is freed)
+        state["P"] = rows.keep(rows.mine(P).clone()) if side == 1 else P
         state["side"] = side
         state["refreshes"] = state.get("refreshes", 0) + 1
         return True
 
     def update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
-        if hasattr(param, "device_mesh") or hasattr(grad, "device_mesh"):
-            raise NotImplementedError(
-                f"{self.name}: sharded (FSDP2 DTensor) parameters are not supported in this version; train with "
-                "DDP or a single process")
-        position = next(i for i, p in enumerate(group["params"]) if p is param)
-        index, name = group["param_indices"][position], group["names"][position]
+        index = rows.position  # == group["param_indices"][i] for this parameter's place i in the group
+        name = group["names"][group["param_indices"].index(index)]
         conv1d = group.get("layout") == "conv1d"  # stored [in, out]: work on the [out, in] view (README §2.1)
         G = grad.float()
-        G = G.T if conv1d else G
+        if conv1d:  # FSDP2 refuses a sharded conv1d weight (base._check_param), so the view is whole
+            G = G.T
+            rows = unsharded(G, index)
         phase = index % group["update_proj_gap"] if group["stagger_refresh"] else 0
         if "P" not in state or (state["step"] + phase) % group["update_proj_gap"] == 0:
-            if not self._refresh(G, state, group, index, name) and "P" not in state:
+            if not self._refresh(G, state, group, index, name, rows) and "P" not in state:
                 return  # no subspace yet: skip entirely, retried at the next step (galore.md §2.1)
-        P, side = state["P"], state["side"]
-        R = T.project(G, P, side)
+        P, side = local(state["P"]), state["side"]
+        R = T.project(G, P, side, row_sum=rows.sum)  # side 1: an r×n all-reduce under FSDP2
         if "exp_avg" not in state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(R)
-            state["exp_avg_sq"] = torch.zeros_like(R)
+            # side 0: [m_k, r], this rank's rows (sharded like the weight); side 1: [r, n], replicated (R is)
+            keep = rows.keep if side == 0 else (lambda t: t)
+            state["exp_avg"] = keep(torch.zeros_like(R))
+            state["exp_avg_sq"] = keep(torch.zeros_like(R))
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        N = T.adam_hf_direction_(R, state["exp_avg"], state["exp_avg_sq"], beta1=beta1, beta2=beta2,
+        N = T.adam_hf_direction_(R, local(state["exp_avg"]), local(state["exp_avg_sq"]), beta1=beta1, beta2=beta2,
                                  eps=group["eps"])
-        direction, coefficient = self.low_rank_step(G, R, N, state, group)
+        direction, coefficient = self.low_rank_step(G, R, N, P, state, group, rows)
         with fp32_view(param) as p32:
             w = p32.T if conv1d else p32
             w.add_(direction, alpha=-coefficient)
             T.decay_after_(w, lr=group["lr"], weight_decay=group["weight_decay"])
 
-    def low_rank_step(self, G: Tensor, R: Tensor, N: Tensor, state: dict, group: dict) -> tuple[Tensor, float]:
-        """The full-size direction D and the coefficient c with ``W ← W − c·D``. GaLore: ``D = α·back(N)``,
-        ``c = η_t·√(1−β2ᵗ)/(1−β1ᵗ)``."""
+    def low_rank_step(self, G: Tensor, R: Tensor, N: Tensor, P: Tensor, state: dict, group: dict,
+                      rows: Rows) -> tuple[Tensor, float]:
+        """The full-size direction D (this rank's rows) and the coefficient c with ``W ← W − c·D``. GaLore:
+        ``D = α·back(N)``, ``c = η_t·√(1−β2ᵗ)/(1−β1ᵗ)``. ``P`` is this rank's part of the projector."""
         beta1, beta2 = group["betas"]
-        D = T.project_back(N, state["P"], state["side"]) * group["scale"]
+        D = T.project_back(N, P, state["side"]) * group["scale"]
         return D, T.hf_step_size(group["lr"], state["step"], beta1, beta2)
 
 
@@ -194,21 +231,26 @@ class Fira(GaLore):
                     sign_fix=sign_fix, seed=seed, stagger_refresh=stagger_refresh, gamma=float(gamma),
                     residual_mode=residual_mode, scaling=scaling)
 
-    def low_rank_step(self, G, R, N, state, group):
-        P, side, alpha = state["P"], state["side"], group["scale"]
+    def low_rank_step(self, G, R, N, P, state, group, rows):
+        side, alpha = state["side"], group["scale"]
         beta1, beta2 = group["betas"]
-        if "prev_residual_norm" not in state:
+        if "prev_residual_norm" not in state:  # replicated: computed from the all-reduced ‖S‖
             state["prev_residual_norm"] = torch.zeros((), dtype=torch.float32, device=G.device)  # 0 = no limit
+        # φ reduces over r only: local on side 0's row blocks, and side 1's R and N are replicated. The whole-matrix
+        # norms (scaling="matrix" of side 0's [m_k, r] blocks, and ‖S‖ of the [m_k, n] residual) are all-reduced.
+        matrix_norm = rows.norm if side == 0 else torch.linalg.vector_norm
         if group["residual_mode"] == "code":
-            phi = T.fira_scaling(N, R, side, group["scaling"])
+            phi = T.fira_scaling(N, R, side, group["scaling"], norm=matrix_norm)
             S = (G - T.project_back(R, P, side) * alpha) * phi
-            S, state["prev_residual_norm"] = T.limit_norm_growth(S, state["prev_residual_norm"], group["gamma"])
+            S, state["prev_residual_norm"] = T.limit_norm_growth(S, state["prev_residual_norm"], group["gamma"],
+                                                                 norm=rows.norm)
             D = T.project_back(N, P, side) * alpha + S
             return D, T.hf_step_size(group["lr"], state["step"], beta1, beta2)
         c_t = T.hf_step_size(1.0, state["step"], beta1, beta2)
-        phi = T.fira_scaling(c_t * N, R, side, group["scaling"])
+        phi = T.fira_scaling(c_t * N, R, side, group["scaling"], norm=matrix_norm)
         S = (G - T.project_back(R, P, side)) * phi
-        S, state["prev_residual_norm"] = T.limit_norm_growth(S, state["prev_residual_norm"], group["gamma"])
+        S, state["prev_residual_norm"] = T.limit_norm_growth(S, state["prev_residual_norm"], group["gamma"],
+                                                             norm=rows.norm)
         return T.project_back(N, P, side) * c_t + S, group["lr"] * alpha
 
 
@@ -216,13 +258,16 @@ register(OptimizerSpec(
     name="galore",
     cls=GaLore,
     description="GaLore: AdamW-HF on a rank-r SVD projection of each matrix gradient, refreshed every T steps",
-    fsdp2=False,
+    # global refresh flags (MIN all-reduce); refresh: n×n Gram all-reduce (side 0, gram_eigh) or all-gather of G,
+    # basis on the owner rank + broadcast; side 1: r×n all-reduce of R every step (galore.md §7)
+    fsdp2=True,
     deepspeed=False,
 ))
 register(OptimizerSpec(
     name="fira",
     cls=Fira,
     description="Fira: GaLore plus the norm-scaled residual outside the subspace, with a norm-growth limiter",
-    fsdp2=False,
+    # GaLore's collectives, plus scalar all-reduces of ‖S‖² (and of ‖N‖², ‖R‖² for side 0 with scaling="matrix")
+    fsdp2=True,
     deepspeed=False,
 ))

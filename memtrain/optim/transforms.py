@@ -43,7 +43,28 @@ def adamw_t_(
     param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
 
 
+# -- the identity collective hooks --
+#
+# A transform that reduces over a matrix's rows takes the reduction as a hook whose default does it on the whole
+# matrix. Under FSDP2 (rank k holds rows G_k) the optimizer passes ``distributed.Rows``'s collectives instead, so the
+# same code runs on a row block; with these defaults every step is the unsharded computation, bitwise.
+
+
+def _whole(t: Tensor) -> Tensor:
+    """Default ``gram_sum``/``row_sum``/``gather``/``mine``: the tensor already covers every row."""
+    return t
+
+
+def _here(solve: Callable[[], Tensor], like: Tensor) -> Tensor:
+    """Default ``on_owner``: this process is the only one, so it solves."""
+    return solve()
+
+
 # -- low-rank gradient projection (GaLore, Fira; specs/galore.md, fira.md) --
+#
+# Under FSDP2 (galore.md §7, fira.md §7) the solvers that need the whole G (svd_basis, randomized_basis, the side-1
+# gram_eigh_basis) run on a gathered G on one rank; sign_fix_ works on a whole basis before it is broadcast; the
+# side-0 Gram, the side-1 projection and the whole-matrix norms take a reduction hook.
 
 
 @contextmanager
@@ -74,7 +95,7 @@ def projector_side(m: int, n: int, proj_type: str = "std") -> int:
 def sign_fix_(basis: Tensor, side: int) -> Tensor:
     """Flip each basis vector (rows of a side-0 ``[r, n]``, columns of a side-1 ``[m, r]``) so that its entry
     of largest magnitude is positive (the first such entry on ties). Makes the basis independent of the
-    solver's sign convention."""
+    solver's sign convention. Needs the whole basis (under FSDP2 it runs before the basis is broadcast)."""
     vectors = basis if side == 0 else basis.T  # [r, d], a view: flips write through
     idx = vectors.abs().argmax(dim=1, keepdim=True)
     signs = torch.sign(vectors.gather(1, idx))
@@ -83,25 +104,36 @@ def sign_fix_(basis: Tensor, side: int) -> Tensor:
 
 
 def svd_basis(G: Tensor, rank: int, side: int) -> Tensor:
-    """Top-``rank`` singular vectors of G from an exact fp32 SVD: ``Vh[:r]`` (side 0) or ``U[:, :r]`` (side 1)."""
+    """Top-``rank`` singular vectors of G from an exact fp32 SVD: ``Vh[:r]`` (side 0) or ``U[:, :r]`` (side 1).
+    Needs the whole G (under FSDP2: gathered, and solved on one rank)."""
     U, _, Vh = torch.linalg.svd(G, full_matrices=False)
     return Vh[:rank].clone() if side == 0 else U[:, :rank].clone()  # clone: free the unused factor's storage
 
 
-def gram_eigh_basis(G: Tensor, rank: int, side: int) -> Tensor:
+def gram_eigh_basis(G: Tensor, rank: int, side: int, *, gram_sum: Callable = _whole,
+                    on_owner: Callable = _here) -> Tensor:
     """Top-``rank`` eigenvectors of ``GᵀG`` (side 0) or ``GGᵀ`` (side 1), by descending eigenvalue, sign-fixed.
 
-    The Gram matrix is what an FSDP2 side-0 refresh can all-reduce (galore.md §7)."""
+    The side-0 Gram is what an FSDP2 refresh can all-reduce (galore.md §7): with G this rank's rows, ``gram_sum``
+    sums ``G_kᵀG_k`` over ranks (n×n) and ``on_owner(solve, like)`` runs the eigensolver on one rank and broadcasts
+    the ``[rank, n]`` basis into ``like`` elsewhere, so it is bitwise identical on all ranks. ``GGᵀ`` (side 1)
+    pairs every row with every other: it needs the whole G."""
     with ieee_fp32():
-        gram = G.T @ G if side == 0 else G @ G.T
-    _, vecs = torch.linalg.eigh(gram)  # ascending
-    top = vecs[:, -rank:].flip(1)
-    return sign_fix_(top.T.contiguous() if side == 0 else top.contiguous(), side)
+        gram = gram_sum(G.T @ G) if side == 0 else G @ G.T
+
+    def solve() -> Tensor:
+        _, vecs = torch.linalg.eigh(gram)  # ascending
+        top = vecs[:, -rank:].flip(1)
+        return sign_fix_(top.T.contiguous() if side == 0 else top.contiguous(), side)
+
+    d = gram.shape[0]
+    return on_owner(solve, G.new_empty((rank, d) if side == 0 else (d, rank)))
 
 
 def randomized_basis(G: Tensor, rank: int, side: int, generator: torch.Generator, niter: int = 2) -> Tensor:
     """Halko range finder (galore.md §2.2): the top-``rank`` left singular vectors of G (side 1), or the right
-    ones via Gᵀ (side 0). Ω is drawn on the CPU from ``generator`` so the global RNG is never touched."""
+    ones via Gᵀ (side 0). Ω is drawn on the CPU from ``generator`` so the global RNG is never touched. Needs the
+    whole G (under FSDP2: gathered, and solved on one rank)."""
     A = G if side == 1 else G.T  # we want A's left singular vectors
     d_s = min(A.shape)
     q = min(rank + max(8, math.ceil(rank / 8)), d_s)
@@ -115,13 +147,17 @@ def randomized_basis(G: Tensor, rank: int, side: int, generator: torch.Generator
     return left.contiguous() if side == 1 else left.T.contiguous()
 
 
-def project(G: Tensor, P: Tensor, side: int) -> Tensor:
-    """The low-rank gradient: ``G Pᵀ`` ([m, r], side 0) or ``Pᵀ G`` ([r, n], side 1)."""
-    return G @ P.T if side == 0 else P.T @ G
+def project(G: Tensor, P: Tensor, side: int, row_sum: Callable = _whole) -> Tensor:
+    """The low-rank gradient: ``G Pᵀ`` ([m, r], side 0) or ``Pᵀ G`` ([r, n], side 1).
+
+    Side 0 maps each row of G on its own. Side 1 sums over G's rows: with G and P this rank's rows (FSDP2),
+    ``row_sum`` adds the ranks' ``P_kᵀ G_k`` (an r×n all-reduce)."""
+    return G @ P.T if side == 0 else row_sum(P.T @ G)
 
 
 def project_back(X: Tensor, P: Tensor, side: int) -> Tensor:
-    """Back to full size: ``X P`` (side 0) or ``P X`` (side 1)."""
+    """Back to full size: ``X P`` (side 0) or ``P X`` (side 1). Row by row, so a row block of X (side 0) or P
+    (side 1) gives that block of the result."""
     return X @ P if side == 0 else P @ X
 
 
@@ -152,24 +188,29 @@ def adamw_hf_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, 
     decay_after_(param, lr=lr, weight_decay=weight_decay)
 
 
-def fira_scaling(N: Tensor, R: Tensor, side: int, per: str = "vector") -> Tensor:
+def fira_scaling(N: Tensor, R: Tensor, side: int, per: str = "vector",
+                 norm: Callable = torch.linalg.vector_norm) -> Tensor:
     """Fira's φ = ‖N‖/(‖R‖ + 1e-8) per index of the non-projected dimension: rows (``[m, 1]``, side 0) or
-    columns (``[1, n]``, side 1); ``per="matrix"`` gives one scalar (the Fira-matrix ablation)."""
+    columns (``[1, n]``, side 1); ``per="matrix"`` gives one scalar (the Fira-matrix ablation), from ``norm``,
+    the Frobenius norm of a whole matrix (an all-reduced norm where N and R are row blocks: FSDP2, side 0).
+    The vector form reduces over the projected dim only, so it is local to a row block."""
     if per == "matrix":
-        return torch.linalg.vector_norm(N) / (torch.linalg.vector_norm(R) + 1e-8)
+        return norm(N) / (norm(R) + 1e-8)
     dim = 1 if side == 0 else 0
     return torch.linalg.vector_norm(N, dim=dim, keepdim=True) / (
         torch.linalg.vector_norm(R, dim=dim, keepdim=True) + 1e-8)
 
 
-def limit_norm_growth(S: Tensor, prev: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+def limit_norm_growth(S: Tensor, prev: Tensor, gamma: float,
+                      norm: Callable = torch.linalg.vector_norm) -> tuple[Tensor, Tensor]:
     """Fira's norm-growth limiter (code form): if ‖S‖ grew more than γ× since the previous (post-limit) norm,
     scale S down to exactly γ·prev. ``prev == 0`` (first step, or after an exactly zero residual) means no
-    limiting. Branch-free, so no host sync. Returns the limited S and the new post-limit norm."""
-    norm = torch.linalg.vector_norm(S)
-    limiter = torch.clamp_min(norm / (prev + 1e-8), gamma) / gamma
+    limiting. Branch-free, so no host sync. Returns the limited S and the new post-limit norm. ``norm`` gives
+    ‖S‖_F of the whole matrix (where S is a row block, FSDP2: a scalar all-reduce, so the limit is global)."""
+    size = norm(S)
+    limiter = torch.clamp_min(size / (prev + 1e-8), gamma) / gamma
     limiter = torch.where(prev > 0, limiter, torch.ones_like(limiter))
-    return S / limiter, norm / limiter
+    return S / limiter, size / limiter
 
 
 # -- low-memory Adam family (Adafactor, SlimAdam) --
@@ -382,14 +423,6 @@ def _ieee_on_cuda(x: Tensor):
     finally:
         if ieee:
             flags.fp32_precision = previous
-
-
-def _whole(t: Tensor) -> Tensor:
-    return t
-
-
-def _here(solve: Callable[[], Tensor], like: Tensor) -> Tensor:
-    return solve()
 
 
 def whiten(x: Tensor, *, steps: int = 10, damping: float = 1e-6, centered_dim: int | None = 1,
