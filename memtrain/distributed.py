@@ -172,12 +172,13 @@ class Rows:
         return full[self.start: self.start + self.held]
 
     # -- state ----------------------------------------------------------------------------------------------
-    def keep(self, t: Tensor):
+    def keep(self, t: Tensor, total: int | None = None):
         """Store ``t`` (this rank's rows of a ``[total, ...]`` tensor) as optimizer state: a ``Shard(0)`` DTensor
-        with the global shape under FSDP2, ``t`` itself otherwise."""
+        with the global shape under FSDP2, ``t`` itself otherwise. ``total``: the global length of dim 0 when it
+        is not the parameter's (state packed along a flat 1-D shard)."""
         if self.group is None:
             return t
-        shape = (self.total, *t.shape[1:])
+        shape = (self.total if total is None else total, *t.shape[1:])
         stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
         return DTensor.from_local(t, self.mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
 

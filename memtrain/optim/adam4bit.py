@@ -20,7 +20,6 @@ encoded in flat blocks of its own. DeepSpeed ZeRO's flat partitions get block v 
 """
 from __future__ import annotations
 
-import copy
 import math
 import re
 import warnings
@@ -143,9 +142,8 @@ def _keep_flat(rows: Rows, t: Tensor):
     multiple of ``block_size``. Unsharded: ``t`` itself."""
     if not rows.sharded:
         return t
-    flat = copy.copy(rows)
-    flat.total = int(rows.sum(torch.tensor([t.shape[0]], device=t.device)).item())  # once, when state is created
-    return flat.keep(t)
+    total = int(rows.sum(torch.tensor([t.shape[0]], device=t.device)).item())  # once, when state is created
+    return rows.keep(t, total=total)
 
 
 def _store(state: dict, prefix: str, fields: dict[str, Tensor], keep: Callable, replicated: frozenset[str]) -> None:

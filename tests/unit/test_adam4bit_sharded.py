@@ -27,9 +27,9 @@ OPTIONS = dict(lr=1e-2, weight_decay=0.1, block_size=4, threshold=8)
 class ShapeRows(ThreadRows):
     """Records the global shape each kept tensor would get as a ``Shard(0)`` DTensor (what ``Rows.keep`` builds)."""
 
-    def keep(self, t):
-        self.kept_shapes.append((self.total, *t.shape[1:]))
-        return super().keep(t)
+    def keep(self, t, total=None):
+        self.kept_shapes.append((self.total if total is None else total, *t.shape[1:]))
+        return super().keep(t, total)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -75,7 +75,7 @@ class ThreadRows(Rows):
     def broadcast(self, t: Tensor) -> Tensor:
         return t.copy_(self.hub.exchange(self.rank, t.contiguous())[self.owner])
 
-    def keep(self, t: Tensor) -> Tensor:
+    def keep(self, t: Tensor, total: int | None = None) -> Tensor:
         self.kept.append(t)
         return t
 
