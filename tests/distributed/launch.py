@@ -19,9 +19,10 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 400) -> sub
     return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
-def accelerate_launch(config: str, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+def accelerate_launch(config: str, *args: str, timeout: int = 400,
+                      script: str = "scripts/pretrain.py") -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"configs/accelerate/{config}.yaml",
-           "--main_process_port", "0", "scripts/pretrain.py", *args]
+           "--main_process_port", "0", script, *args]
     return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
 
 

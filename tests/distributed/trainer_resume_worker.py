@@ -1,0 +1,59 @@
+"""Several Trainer runs in one ``accelerate launch``: start-up, imports and the corpus are paid once.
+
+For each optimizer, a run of ``--max_steps`` that saves a checkpoint half way ("first"; with ``--no_resume`` no
+checkpoint), then a run resumed from that checkpoint ("resumed"), both through ``memtrain.pretrain.run`` exactly
+as ``scripts/pretrain.py`` does, under whatever engine the accelerate config chose. Rank 0 writes
+``{name: {"first": report, "resumed": report}}``.
+
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml tests/distributed/trainer_resume_worker.py \\
+        --out results.json --optims swan,scale --workdir runs -- <pretrain flags shared by every run>
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch.distributed as dist
+
+from memtrain.cli import parse_args
+from memtrain.hf import TrainingArguments
+from memtrain.pretrain import PRETRAIN_DEFAULTS, ModelDataArguments, run
+
+#: optim_args that make each method do its real work in a few steps: a low rank with a projector refresh after
+#: the resume point (galore, fira), quantised moments on the tiny model (adam4bit).
+OPTIM_ARGS = {"galore": "rank=8,update_proj_gap=2", "fira": "rank=8,update_proj_gap=2", "adam4bit": "threshold=1024"}
+
+
+def pretrain(argv: list[str]) -> dict:
+    return run(*parse_args((ModelDataArguments, TrainingArguments), PRETRAIN_DEFAULTS, argv))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--optims", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--no_resume", action="store_true", help="only the straight run, without a checkpoint")
+    ours, shared = parser.parse_known_args()
+    shared = [a for a in shared if a != "--"]
+    half = int(shared[shared.index("--max_steps") + 1]) // 2
+    results = {}
+    for name in ours.optims.split(","):
+        out = Path(ours.workdir) / name
+        common = shared + ["--optim", name] + (["--optim_args", OPTIM_ARGS[name]] if name in OPTIM_ARGS else [])
+        if ours.no_resume:
+            results[name] = {"first": pretrain(common + ["--output_dir", str(out / "first")])}
+            continue
+        first = pretrain(common + ["--output_dir", str(out / "first"), "--save_strategy", "steps",
+                                   "--save_steps", str(half)])
+        resumed = pretrain(common + ["--output_dir", str(out / "resumed"),
+                                     "--resume_from_checkpoint", str(out / "first" / f"checkpoint-{half}")])
+        results[name] = {"first": first, "resumed": resumed}
+    distributed = dist.is_initialized()  # the single-process config starts no process group
+    if not distributed or dist.get_rank() == 0:
+        Path(ours.out).write_text(json.dumps(results, indent=1))
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
