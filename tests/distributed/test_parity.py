@@ -9,6 +9,7 @@ from memtrain.optim.registry import get_spec
 from .launch import tail, torchrun
 
 NAMES = memtrain.optimizer_names()
+pytestmark = pytest.mark.xdist_group("parity")  # the module fixture then runs once, on one xdist worker
 
 
 @pytest.fixture(scope="module")
