@@ -152,19 +152,33 @@ class GaLore(MemtrainOptimizer):
             self._warn_once(f"bad:{name}", f"{self.name}: {what} gradient for {name or 'a parameter'} at a projector "
                             "refresh; keeping the previous projector (or skipping the step if there is none)")
             return False
+        side, P = state["side"], local(state["P"])
+        rank = P.shape[0] if side == 0 else P.shape[1]  # [r, n] or [m_k, r]
+        basis = self._solve(G, rank, side, state, group, index, rows)
+        P.copy_(basis if side == 0 else rows.mine(basis))  # side 1: this rank's rows of the [m, r] basis
+        state["refreshes"] += 1
+        return True
+
+    def init_state(self, G: Tensor, state: dict, group: dict, rows: Rows, name: str) -> None:
+        """Every state entry of a projected parameter, zero, at its final shape, on the parameter's first step, even
+        when that step cannot refresh (``refreshes`` stays 0 until one does). Distributed checkpointing builds its
+        load template from a zero-gradient step (README §2.8): an entry missing then is never restored on resume.
+
+        Side 0: P ``[r, n]`` replicated, moments ``[m_k, r]`` this rank's rows (sharded like the weight); side 1:
+        P ``[m_k, r]`` sharded, moments ``[r, n]`` replicated (R is all-reduced)."""
         m, n = rows.total, G.shape[1]
-        side = state.get("side", T.projector_side(m, n, group["proj_type"]))
+        side = T.projector_side(m, n, group["proj_type"])
         rank = min(group["rank"], m, n)
         if rank < group["rank"]:
-            if f"rank:{name}" not in self._warned:
-                self._warned.add(f"rank:{name}")
-                logger.info("%s: rank %d clipped to %d for %s %s", self.name, group["rank"], rank, name, (m, n))
-        P = self._solve(G, rank, side, state, group, index, rows)
-        # side 1: P [m, r] is sharded like the weight (this rank's rows, a copy so the whole P is freed)
-        state["P"] = rows.keep(rows.mine(P).clone()) if side == 1 else P
-        state["side"] = side
-        state["refreshes"] = state.get("refreshes", 0) + 1
-        return True
+            logger.info("%s: rank %d clipped to %d for %s %s", self.name, group["rank"], rank, name, (m, n))
+        state.update(step=0, side=side, refreshes=0)
+        mine, whole = (G.shape[0], rank), (rank, n)  # [m_k, r]: this rank's rows; [r, n]: the same on every rank
+        sharded = lambda: rows.keep(G.new_zeros(mine))  # noqa: E731
+        replicated = lambda: G.new_zeros(whole)  # noqa: E731
+        if side == 0:
+            state["P"], state["exp_avg"], state["exp_avg_sq"] = replicated(), sharded(), sharded()
+        else:
+            state["P"], state["exp_avg"], state["exp_avg_sq"] = sharded(), replicated(), replicated()
 
     def update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
         index = rows.position  # == group["param_indices"][i] for this parameter's place i in the group
@@ -174,18 +188,14 @@ class GaLore(MemtrainOptimizer):
         if conv1d:  # FSDP2 refuses a sharded conv1d weight (base._check_param), so the view is whole
             G = G.T
             rows = unsharded(G, index)
+        if not state:
+            self.init_state(G, state, group, rows, name)
         phase = index % group["update_proj_gap"] if group["stagger_refresh"] else 0
-        if "P" not in state or (state["step"] + phase) % group["update_proj_gap"] == 0:
-            if not self._refresh(G, state, group, index, name, rows) and "P" not in state:
-                return  # no subspace yet: skip entirely, retried at the next step (galore.md §2.1)
+        if state["refreshes"] == 0 or (state["step"] + phase) % group["update_proj_gap"] == 0:
+            if not self._refresh(G, state, group, index, name, rows) and state["refreshes"] == 0:
+                return  # no subspace yet: skip the step, retried at the next one (galore.md §2.1)
         P, side = local(state["P"]), state["side"]
         R = T.project(G, P, side, row_sum=rows.sum)  # side 1: an r×n all-reduce under FSDP2
-        if "exp_avg" not in state:
-            state["step"] = 0
-            # side 0: [m_k, r], this rank's rows (sharded like the weight); side 1: [r, n], replicated (R is)
-            keep = rows.keep if side == 0 else (lambda t: t)
-            state["exp_avg"] = keep(torch.zeros_like(R))
-            state["exp_avg_sq"] = keep(torch.zeros_like(R))
         state["step"] += 1
         beta1, beta2 = group["betas"]
         N = T.adam_hf_direction_(R, local(state["exp_avg"]), local(state["exp_avg_sq"]), beta1=beta1, beta2=beta2,
@@ -231,11 +241,14 @@ class Fira(GaLore):
                     sign_fix=sign_fix, seed=seed, stagger_refresh=stagger_refresh, gamma=float(gamma),
                     residual_mode=residual_mode, scaling=scaling)
 
+    def init_state(self, G, state, group, rows, name):
+        super().init_state(G, state, group, rows, name)
+        # replicated (computed from the all-reduced ‖S‖); 0 = no limit on the first residual
+        state["prev_residual_norm"] = torch.zeros((), dtype=torch.float32, device=G.device)
+
     def low_rank_step(self, G, R, N, P, state, group, rows):
         side, alpha = state["side"], group["scale"]
         beta1, beta2 = group["betas"]
-        if "prev_residual_norm" not in state:  # replicated: computed from the all-reduced ‖S‖
-            state["prev_residual_norm"] = torch.zeros((), dtype=torch.float32, device=G.device)  # 0 = no limit
         # φ reduces over r only: local on side 0's row blocks, and side 1's R and N are replicated. The whole-matrix
         # norms (scaling="matrix" of side 0's [m_k, r] blocks, and ‖S‖ of the [m_k, n] residual) are all-reduced.
         matrix_norm = rows.norm if side == 0 else torch.linalg.vector_norm

@@ -5,6 +5,7 @@ its state-bytes formula to ``STATE_BYTES``.
 """
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -139,6 +140,30 @@ def test_zero_gradient_with_lr_zero_is_a_noop(name):
                     assert torch.isfinite(v).all()
                 elif isinstance(v, float):
                     assert math.isfinite(v)
+
+
+def _state_layout(opt):
+    """Per parameter, in group order: each state entry's shape and dtype (tensors) or type (numbers)."""
+    return [{k: (tuple(v.shape), v.dtype) if torch.is_tensor(v) else type(v) for k, v in opt.state[p].items()}
+            for group in opt.param_groups for p in group["params"]]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_gradient_step_builds_the_whole_state(name):
+    """Distributed checkpointing (FSDP2 resume through accelerate) builds its load template from one zero-gradient
+    lr=0 step of a fresh optimizer and restores only the entries that template has (README §2.8): every entry a
+    trained optimizer holds must exist after that step, with its shape and dtype, or resume silently loses it."""
+    model = tiny_llama()
+    trained = _build(name, model)
+    _steps(model, trained, 0, 2)
+    fresh_model = tiny_llama()
+    fresh = _build(name, fresh_model, lr=0.0)
+    for p in fresh_model.parameters():
+        p.grad = torch.zeros_like(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # galore/fira: "all-zero gradient at a projector refresh"
+        fresh.step()
+    assert _state_layout(fresh) == _state_layout(trained)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
