@@ -1,4 +1,5 @@
 """Launch helpers for the 2-rank CPU tests: torchrun / accelerate launch with a timeout, gloo, 1 thread each."""
+import json
 import os
 import subprocess
 import sys
@@ -28,3 +29,26 @@ def accelerate_launch(config: str, *args: str, timeout: int = 400,
 
 def tail(proc: subprocess.CompletedProcess, n: int = 4000) -> str:
     return f"rc={proc.returncode}\nstdout:\n{proc.stdout[-n:]}\nstderr:\n{proc.stderr[-n:]}"
+
+
+#: A few Trainer steps of llama-tiny through scripts/pretrain.py's job, identical on every engine.
+QUICK = ["--max_steps", "4", "--max_train_samples", "64", "--max_eval_samples", "8", "--logging_steps", "1",
+         "--save_final_model", "false", "--disable_tqdm", "true", "--seed", "0", "--data_seed", "0",
+         "--ddp_timeout", "120"]
+
+
+def trainer_runs(workdir: Path, config: str, names: list[str], batch: int = 4, resume: bool = True) -> dict:
+    """Every optimizer in ``names`` through HF Trainer under ``configs/accelerate/<config>.yaml``, in one launch
+    (trainer_resume_worker.py): ``{name: {"first": report, "resumed": report}}``, each run starting from the same
+    saved llama-tiny (ZeRO-3 would otherwise initialise a fresh model partitioned, with other random numbers)."""
+    from memtrain.models import build_model
+
+    init = workdir / "init"
+    build_model("llama-tiny", seed=0).save_pretrained(init)
+    out = workdir / "results.json"
+    proc = accelerate_launch(config, "--out", str(out), "--optims", ",".join(names), "--workdir", str(workdir),
+                             *([] if resume else ["--no_resume"]), "--", *QUICK, "--model", str(init),
+                             "--per_device_train_batch_size", str(batch),
+                             script="tests/distributed/trainer_resume_worker.py", timeout=600)
+    assert proc.returncode == 0, tail(proc)
+    return json.loads(out.read_text())

@@ -7,9 +7,6 @@ from .adapter_worker import CASES
 from .launch import tail, torchrun
 
 
-pytestmark = pytest.mark.xdist_group("adapters_2ranks")  # its module fixture then runs once, on one xdist worker
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("adapters") / "results.json"

@@ -24,9 +24,6 @@ def _torchrun(worker: str, tmp_path) -> object:
     return json.loads(out.read_text())
 
 
-pytestmark = pytest.mark.xdist_group("layerwise_ddp")  # its module fixture then runs once, on one xdist worker
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     rows = _torchrun("layerwise_ddp_worker.py", tmp_path_factory.mktemp("ddp"))

@@ -9,7 +9,6 @@ from memtrain.optim.registry import get_spec
 from .launch import tail, torchrun
 
 NAMES = memtrain.optimizer_names()
-pytestmark = pytest.mark.xdist_group("parity")  # the module fixture then runs once, on one xdist worker
 
 
 @pytest.fixture(scope="module")

@@ -28,9 +28,6 @@ def script_main(name):
     return module.main
 
 
-pytestmark = pytest.mark.xdist_group("finetune")  # its module fixture then runs once, on one xdist worker
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")

@@ -16,9 +16,6 @@ SETTINGS = {
 }
 
 
-pytestmark = pytest.mark.xdist_group("stateless_training")  # its module fixture then runs once, on one xdist worker
-
-
 @pytest.fixture(scope="module")
 def lm_data():
     return build_lm_data(seq_len=128, vocab_size=4096, max_train_samples=STEPS * 8, max_eval_samples=8)
