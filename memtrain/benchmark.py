@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -48,26 +49,53 @@ class Entry:
         return "".join(c if c.isalnum() or c in "-_." else "_" for c in self.label)
 
 
-def run_one(entry: Entry, seed: int, args, extra: list[str]) -> dict:
-    out = Path(args.work_dir) / args.name / f"{entry.slug}-seed{seed}"
-    cmd = [
-        sys.executable, str(PRETRAIN), "--optim", entry.optim, "--model", args.model, "--seed", str(seed),
-        "--max_steps", str(args.max_steps), "--eval_strategy", "steps", "--eval_steps", str(args.eval_steps),
-        "--eval_on_start", "true", "--output_dir", str(out), "--save_final_model", "false", "--report_to", "none",
-        "--disable_tqdm", "true", "--logging_steps", str(max(1, args.max_steps // 10)),
-    ]
+def launcher(engine: str | None) -> list[str]:
+    """How a run starts: a plain process, or ``accelerate launch`` with ``configs/accelerate/<engine>.yaml``."""
+    if engine is None:
+        return [sys.executable]
+    config = REPO / "configs" / "accelerate" / f"{engine}.yaml"
+    if not config.is_file():
+        raise ValueError(f"no accelerate config {config}; engines: "
+                         f"{', '.join(sorted(p.stem for p in config.parent.glob('*.yaml')))}")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+            "--main_process_port", "0"]
+
+
+def first_error(stderr: str) -> str | None:
+    """The first exception a run raised (torchrun prefixes a rank's lines with ``[rankN]: ``), not the launchers'
+    own errors that follow it."""
+    raised = re.search(r"^(?:\[rank\d+\]: )?(\w+(?:Error|Exception): .*)$", stderr, re.MULTILINE)
+    return raised.group(1) if raised else None
+
+
+def pretrain(entry: Entry, out: Path, flags: list[str], engine: str | None = None) -> dict:
+    """One ``scripts/pretrain.py`` run of ``entry`` writing into ``out``: its report (plus ``wall_s``), or
+    ``{"error": last line of stderr}`` if the run failed (a refusal, say)."""
+    cmd = [*launcher(engine), str(PRETRAIN), "--optim", entry.optim, "--output_dir", str(out),
+           "--save_final_model", "false", "--report_to", "none", "--disable_tqdm", "true", *flags]
     if entry.optim_args:
         cmd += ["--optim_args", entry.optim_args]
     if entry.lr is not None:
         cmd += ["--learning_rate", str(entry.lr)]
-    cmd += extra
-    print(f"[benchmark] {entry.label} seed {seed}: {' '.join(cmd[2:])}", flush=True)
+    print(f"[benchmark] {entry.label} on {engine or 'one process'}: {' '.join(flags)}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if engine not in (None, "single") else None  # 1 thread per rank
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark run {entry.label} seed {seed} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return {"error": first_error(proc.stderr) or f"exit code {proc.returncode}: {proc.stderr[-500:]}"}
     report = json.loads((out / "report.json").read_text())
     report["wall_s"] = round(time.perf_counter() - start, 1)
+    return report
+
+
+def run_one(entry: Entry, seed: int, args, extra: list[str]) -> dict:
+    out = Path(args.work_dir) / args.name / f"{entry.slug}-seed{seed}"
+    report = pretrain(entry, out, [
+        "--model", args.model, "--seed", str(seed), "--max_steps", str(args.max_steps), "--eval_strategy", "steps",
+        "--eval_steps", str(args.eval_steps), "--eval_on_start", "true",
+        "--logging_steps", str(max(1, args.max_steps // 10)), *extra], engine=args.engine)
+    if "error" in report:
+        raise RuntimeError(f"benchmark run {entry.label} seed {seed} failed: {report['error']}")
     print(f"[benchmark]   ppl {report['eval_perplexity']:.3f}  tokens/s {report['tokens_per_second']:,.0f}", flush=True)
     return report
 
@@ -166,6 +194,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--name", default="benchmark", help="output file stem under --out_dir")
     parser.add_argument("--out_dir", default=str(REPO / "docs" / "benchmarks"))
     parser.add_argument("--work_dir", default=str(REPO / "out" / "bench"))
+    parser.add_argument("--engine", default=None, help="run under accelerate launch with configs/accelerate/<engine>.yaml")
     args, extra = parser.parse_known_args(argv)
     args.eval_steps = args.eval_steps or max(1, args.max_steps // 6)
     entries = [Entry.parse(e) for e in args.optims]

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from transformers import TrainerCallback
 from transformers.training_args import OptimizerNames
 
-from . import accelerate_cpu, metrics
+from . import accelerate_cpu, distributed, metrics
 from .optim import registry
 from .optim.layerwise import GLOBAL_CLIP_MESSAGE, LayerwiseOptimizer
 from .optim.routing import format_param_groups
@@ -204,10 +204,13 @@ class ReportCallback(TrainerCallback):
         self.last_report: dict[str, Any] | None = None
         self.extra: dict[str, Any] = {}  # set by memtrain's Trainer: the engine really used
         self._start = None
+        self._start_step = 0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         metrics.reset_peak_memory(args.device)
+        distributed.COMM.clear()
         self.eval_seconds = 0.0
+        self._start_step = state.global_step  # > 0 when resumed
         self._start = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -245,6 +248,7 @@ class ReportCallback(TrainerCallback):
         state_bytes = metrics.optimizer_state_bytes(self.optimizer) if self.optimizer is not None else 0
         peak = metrics.peak_memory(args.device)
         state_per_rank, peak_per_rank = _gather_ints([state_bytes, peak["peak_memory_bytes"]], args.device)
+        steps = state.global_step - self._start_step
         optim = _optim_name(args.optim)
         report = {
             "optimizer": optim,
@@ -259,6 +263,8 @@ class ReportCallback(TrainerCallback):
             **peak,
             "peak_memory_bytes_per_rank": peak_per_rank,
             "global_steps": state.global_step,
+            # bytes this rank sent through memtrain's own collectives (sharded transforms; not FSDP's or DDP's)
+            "optimizer_comm_bytes_per_step": distributed.comm_bytes() / steps if steps else 0.0,
             "train_tokens": tokens,
             "train_runtime_s": round(self.train_seconds, 3),
             "tokens_per_second": tokens / self.train_seconds if self.train_seconds > 0 else None,
@@ -315,7 +321,8 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if report.get("world_size", 1) > 1:
         lines.append(f"  per rank             state {report['optimizer_state_bytes_per_rank']} B, "
-                     f"peak {[round(b / 2**20) for b in report['peak_memory_bytes_per_rank']]} MiB")
+                     f"peak {[round(b / 2**20) for b in report['peak_memory_bytes_per_rank']]} MiB, "
+                     f"optimizer comm {report['optimizer_comm_bytes_per_step']:,.0f} B/step")
     lines += [
         f"  eval loss / ppl      {num(report['eval_loss'], '.4f')} / {num(report['eval_perplexity'], '.3f')} "
         f"over {num(report['eval_tokens'], ',')} tokens (token-weighted)",

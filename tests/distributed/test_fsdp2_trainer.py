@@ -39,3 +39,5 @@ def test_fsdp2_trainer_equals_one_process_and_resumes_exactly(fsdp2, single, nam
     assert per_rank[0] == per_rank[1] and 0 < per_rank[0] < reference["optimizer_state_bytes"]
     if name == "adamw":
         assert per_rank == [4 * first["trainable_parameters"]] * 2
+    # Counted: every matrix-aware method all-reduces or gathers some statistic; elementwise adamw needs nothing.
+    assert (first["optimizer_comm_bytes_per_step"] > 0) == (name != "adamw")

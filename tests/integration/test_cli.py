@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from memtrain.benchmark import Entry, summarize
+from memtrain.benchmark import Entry, first_error, summarize
+from memtrain.benchmark_engines import _cell
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK = ["--max_steps", "4", "--max_train_samples", "64", "--max_eval_samples", "8", "--logging_steps", "2",
@@ -73,3 +74,19 @@ def test_benchmark_entries_and_summary():
     rows = summarize({"adamw": [rep(10.0, 100.0), rep(12.0, 100.0)], "x": [rep(11.0, 50.0), rep(11.0, 50.0)]})
     assert rows[0]["eval_ppl"] == 11.0 and rows[1]["ppl_vs_adamw_pct"] == 0.0
     assert rows[1]["tokens_per_s_vs_adamw"] == 0.5
+
+
+def test_engine_benchmark_cells():
+    stderr = ("[rank0]:     raise ValueError(\n[rank0]: ValueError: optimizer 'swan' needs each weight's matrix shape\n"
+              "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
+    assert first_error(stderr) == "ValueError: optimizer 'swan' needs each weight's matrix shape"
+    assert first_error("all fine\n") is None
+    assert _cell({"error": "ValueError: no"}, {}, None) == {"refused": "ValueError: no"}
+    reference = {"eval_loss": 4.0, "optimizer_state_bytes": 800}
+    report = {"eval_loss": 4.002, "optimizer_state_bytes_per_rank": [400, 400], "optimizer_comm_bytes_per_step": 64.0,
+              "tokens_per_second": 90.0}
+    cell = _cell(report, reference, {"tokens_per_second": 100.0})
+    assert cell == {"eval_loss_rel_diff": pytest.approx(5e-4), "state_bytes_per_rank": 400,
+                    "state_fraction_of_one_process": 0.5, "comm_bytes_per_step": 64.0, "tokens_per_s": 90.0,
+                    "tokens_per_s_vs_adamw": pytest.approx(0.9)}
+    assert _cell(report, reference, {"error": "refused"})["tokens_per_s_vs_adamw"] is None

@@ -1,0 +1,100 @@
+"""The optimizer × engine table behind ``scripts/benchmark_engines.py`` (docs/distributed.md).
+
+Every optimizer runs ``scripts/pretrain.py`` under each accelerate config (2 ranks) and once in one process on the
+same global batch. Per cell: whether the engine refused it (the error it raised), the relative eval-loss
+difference to the one-process run, this rank's optimizer-state bytes, the bytes memtrain's own collectives moved
+per step (``distributed.COMM``: not FSDP's or DDP's traffic), and tokens/s against ``adamw`` on the same engine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .benchmark import REPO, Entry, pretrain
+from .optim.registry import optimizer_names
+
+ENGINES = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
+WORLD = 2  # num_processes in configs/accelerate/*.yaml
+
+
+def _cell(report: dict, reference: dict, baseline: dict | None) -> dict:
+    if "error" in report:
+        return {"refused": report["error"]}
+    tps, base = report["tokens_per_second"], (baseline or {}).get("tokens_per_second")
+    return {
+        "eval_loss_rel_diff": abs(report["eval_loss"] - reference["eval_loss"]) / reference["eval_loss"],
+        "state_bytes_per_rank": report["optimizer_state_bytes_per_rank"][0],
+        "state_fraction_of_one_process": report["optimizer_state_bytes_per_rank"][0]
+        / max(1, reference["optimizer_state_bytes"]),
+        "comm_bytes_per_step": report["optimizer_comm_bytes_per_step"],
+        "tokens_per_s": tps,
+        "tokens_per_s_vs_adamw": tps / base if base and "error" not in baseline else None,
+    }
+
+
+def markdown(table: dict, args, command: str) -> str:
+    lines = [
+        f"# Optimizers × engines: {args.model}, {WORLD} ranks",
+        "",
+        f"`{command}`",
+        "",
+        f"- {args.max_steps} steps, {args.batch} sequences per rank ({WORLD * args.batch} per step), seed 0; the "
+        "reference is one process on the same global batch",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; ranks use gloo and one "
+        "thread each, so tokens/s ratios (vs `adamw` on the same engine) are the signal, not the absolute values",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        "| optimizer | engine | eval loss vs 1 process | state B/rank | of 1 process | memtrain comm B/step | "
+        "tokens/s | × adamw |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in table.items():
+        for engine, c in row.items():
+            if "refused" in c:
+                lines.append(f"| `{name}` | {engine} | refused: {c['refused'][:110]} | | | | | |")
+                continue
+            ratio = c["tokens_per_s_vs_adamw"]
+            lines.append(
+                f"| `{name}` | {engine} | {c['eval_loss_rel_diff']:.1e} | {c['state_bytes_per_rank']:,} | "
+                f"{c['state_fraction_of_one_process']:.3f} | {c['comm_bytes_per_step']:,.0f} | "
+                f"{c['tokens_per_s']:,.0f} | {'n/a' if ratio is None else format(ratio, '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--optims", nargs="+", default=None, help="entries name[:optim_args][@lr]; default: all")
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--model", default="llama-tiny")
+    parser.add_argument("--max_steps", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=8, help="sequences per rank and step")
+    parser.add_argument("--name", default="engines")
+    parser.add_argument("--out_dir", default=str(REPO / "docs" / "benchmarks"))
+    parser.add_argument("--work_dir", default=str(REPO / "out" / "bench_engines"))
+    args = parser.parse_args(argv)
+    entries = [Entry.parse(e) for e in (args.optims or optimizer_names())]
+    flags = ["--model", args.model, "--max_steps", str(args.max_steps), "--seed", "0", "--data_seed", "0",
+             "--logging_steps", str(args.max_steps), "--max_eval_samples", "64"]
+    work = Path(args.work_dir)
+    reference = {e.label: pretrain(e, work / "single" / e.slug, flags + [
+        "--per_device_train_batch_size", str(WORLD * args.batch)]) for e in entries}
+    runs = {engine: {e.label: pretrain(e, work / engine / e.slug, flags + [
+        "--per_device_train_batch_size", str(args.batch), "--ddp_timeout", "300"], engine=engine) for e in entries}
+        for engine in args.engines}
+    table = {e.label: {engine: _cell(runs[engine][e.label], reference[e.label], runs[engine].get("adamw"))
+                       for engine in args.engines} for e in entries}
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = "python scripts/benchmark_engines.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    (out_dir / f"{args.name}.md").write_text(markdown(table, args, command.strip()))
+    (out_dir / f"{args.name}.json").write_text(json.dumps({"table": table, "reference": reference, "runs": runs},
+                                                          indent=1, default=str))
+    print((out_dir / f"{args.name}.md").read_text())
+    return table
