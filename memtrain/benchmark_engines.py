@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .benchmark import REPO, Entry, pretrain
+from .models import build_model
 from .optim.registry import optimizer_names
 
 ENGINES = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
@@ -45,8 +46,8 @@ def markdown(table: dict, args, command: str) -> str:
         "",
         f"`{command}`",
         "",
-        f"- {args.max_steps} steps, {args.batch} sequences per rank ({WORLD * args.batch} per step), seed 0; the "
-        "reference is one process on the same global batch",
+        f"- {args.max_steps} steps from the same saved initial weights, {args.batch} sequences per rank "
+        f"({WORLD * args.batch} per step), seed 0; the reference is one process on the same global batch",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; ranks use gloo and one "
         "thread each, so tokens/s ratios (vs `adamw` on the same engine) are the signal, not the absolute values",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
@@ -58,7 +59,7 @@ def markdown(table: dict, args, command: str) -> str:
     for name, row in table.items():
         for engine, c in row.items():
             if "refused" in c:
-                lines.append(f"| `{name}` | {engine} | refused: {c['refused'][:110]} | | | | | |")
+                lines.append(f"| `{name}` | {engine} | refused: {c['refused'].split(',')[0][:80]} | | | | | |")
                 continue
             ratio = c["tokens_per_s_vs_adamw"]
             lines.append(
@@ -80,9 +81,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--work_dir", default=str(REPO / "out" / "bench_engines"))
     args = parser.parse_args(argv)
     entries = [Entry.parse(e) for e in (args.optims or optimizer_names())]
-    flags = ["--model", args.model, "--max_steps", str(args.max_steps), "--seed", "0", "--data_seed", "0",
-             "--logging_steps", str(args.max_steps), "--max_eval_samples", "64"]
     work = Path(args.work_dir)
+    # Every run starts from the same saved weights: ZeRO-3 builds a fresh model partitioned (deepspeed.zero.Init),
+    # which draws other random numbers than a plain init.
+    build_model(args.model, seed=0).save_pretrained(work / "init")
+    flags = ["--model", str(work / "init"), "--max_steps", str(args.max_steps), "--seed", "0", "--data_seed", "0",
+             "--logging_steps", str(args.max_steps), "--max_eval_samples", "64"]
     reference = {e.label: pretrain(e, work / "single" / e.slug, flags + [
         "--per_device_train_batch_size", str(WORLD * args.batch)]) for e in entries}
     runs = {engine: {e.label: pretrain(e, work / engine / e.slug, flags + [
