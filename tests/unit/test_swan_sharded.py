@@ -1,86 +1,31 @@
-"""``swan`` on FSDP2 row shards without torchrun (specs/swan.md §7, §10.8): a fake :class:`Rows` runs each rank's
+"""``swan`` on FSDP2 row shards without torchrun (specs/swan.md §7, §10.8): :class:`ThreadRows` runs each rank's
 rows in its own thread and implements the collectives by exchanging tensors, so the sharded code path (Gram
 all-reduce, owner-rank inverse root + broadcast, all-gather on the left side, fp64 norm all-reduce) is checked
 against the unsharded direction in a fraction of a second."""
-import math
 import threading
 from collections import Counter
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from memtrain.distributed import Rows, unsharded
+from memtrain.distributed import unsharded
 from memtrain.optim import transforms
 from memtrain.optim.swan import swan_direction
 
+from .thread_rows import ThreadRows, run_ranks
 
-class Exchange:
-    """What every rank contributed to the current collective, in rank order (a barrier on either side)."""
-
-    def __init__(self, world):
-        self.world, self.slots = world, [None] * world
-        self.barrier = threading.Barrier(world, timeout=30)
-
-    def __call__(self, rank, t):
-        self.slots[rank] = t.clone()
-        self.barrier.wait()
-        parts = list(self.slots)
-        self.barrier.wait()  # everyone has read before the next collective overwrites the slots
-        return parts
-
-
-class FakeRows(Rows):
-    """Rank ``rank`` of ``world``: the real Rows bookkeeping (start, held, mine, column_mean, is_owner), with
-    collectives that exchange tensors between threads. Payload bytes are counted like distributed.COMM."""
-
-    def __init__(self, total, rank, world, exchange, owner, comm):
-        super().__init__(total)
-        self.group, self.world, self.rank, self.owner = exchange, world, rank, owner % world
-        self.start = min(rank * math.ceil(total / world), total)
-        self.comm = comm
-
-    def _all_reduce(self, t, op):
-        parts = self.group(self.rank, t)
-        out = parts[0].clone()
-        combine = {dist.ReduceOp.SUM: torch.add, dist.ReduceOp.MAX: torch.maximum, dist.ReduceOp.MIN: torch.minimum}
-        for p in parts[1:]:
-            out = combine[op](out, p)
-        self.comm["all_reduce"] += t.numel() * t.element_size()
-        return t.copy_(out)
-
-    def gather(self, x):
-        full = torch.cat(self.group(self.rank, x))
-        self.comm["all_gather"] += full.numel() * full.element_size()
-        return full
-
-    def broadcast(self, t):
-        t.copy_(self.group(self.rank, t)[self.owner])
-        self.comm["broadcast"] += t.numel() * t.element_size()
-        BROADCASTS[self.rank].append(t.clone())
-        return t
-
-
-BROADCASTS: dict = {}
 SOLVED = threading.local()
 
 
 def sharded_direction(g, world=2, owner=0, **options):
     """Each rank's swan_direction of its torch.chunk rows of ``g``, run concurrently; returns the concatenated
-    direction, the per-rank comm counters and the ranks that ran the inverse root."""
-    exchange, results, comms, solvers = Exchange(world), [None] * world, [Counter() for _ in range(world)], []
-    BROADCASTS.clear()
-    BROADCASTS.update({r: [] for r in range(world)})
-    errors = []
+    direction, each rank's comm counter and broadcasts, and the ranks that ran the inverse root."""
+    solvers = []
 
-    def work(rank):
-        try:
-            SOLVED.rank = rank
-            rows = FakeRows(g.shape[0], rank, world, exchange, owner, comms[rank])
-            results[rank] = swan_direction(rows.mine(g).clone(), rows, **options)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-            errors.append(e)
-            exchange.barrier.abort()
+    def rank_direction(rank, hub):
+        SOLVED.rank = rank
+        rows = ThreadRows(g.shape[0], rank, hub, owner)
+        return swan_direction(rows.mine(g).clone(), rows, **options), rows
 
     real_root = transforms.whitening_root
 
@@ -90,16 +35,10 @@ def sharded_direction(g, world=2, owner=0, **options):
 
     transforms.whitening_root = spy
     try:
-        threads = [threading.Thread(target=work, args=(r,)) for r in range(world)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        out = run_ranks(world, rank_direction)
     finally:
         transforms.whitening_root = real_root
-    if errors:
-        raise errors[0]
-    return torch.cat(results), comms, solvers
+    return torch.cat([d for d, _ in out]), [r.comm for _, r in out], solvers, [r.broadcasts for _, r in out]
 
 
 def hetero(m, n):
@@ -128,10 +67,10 @@ def test_two_row_blocks_equal_the_whole_matrix(make, shape, norm_dim):
     g = make(*shape)
     whole = swan_direction(g, unsharded(g), norm_dim=norm_dim)
     for owner in (0, 1):
-        delta, comms, solvers = sharded_direction(g, owner=owner, norm_dim=norm_dim)
+        delta, comms, solvers, broadcasts = sharded_direction(g, owner=owner, norm_dim=norm_dim)
         assert rel(delta, whole) < 1e-5  # swan.md §10.8 (gauss, hetero)
         assert solvers == [owner]  # Z is computed once, on the matrix's owner rank ...
-        assert torch.equal(BROADCASTS[0][0], BROADCASTS[1][0])  # ... and every rank applies the same bits
+        assert torch.equal(broadcasts[0][0], broadcasts[1][0])  # ... and every rank applies the same bits
         m, n = shape
         right = transforms.whitening_side(m, n, norm_dim)
         column_stats = 3 * n * 4 if norm_dim == 0 else 0  # mean, centred mean square, mean square: length n
@@ -145,14 +84,14 @@ def test_low_rank_right_side_within_the_documented_tolerance():
     # ill-conditioned inputs: 1e-4 for low-rank gradients (measured here ~1e-5).
     for shape in [(64, 32), (33, 20)]:
         g = lowrank(*shape)
-        delta, _, _ = sharded_direction(g)
+        delta, *_ = sharded_direction(g)
         assert rel(delta, swan_direction(g, unsharded(g))) < 1e-4
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (2, 5), (1, 1)])  # right 2/2/0 rows, left 1/1/0, square 1/0/0
 def test_empty_shards_join_every_collective(shape):
     g = hetero(*shape)
-    delta, comms, _ = sharded_direction(g, world=3, owner=2)  # the owner itself holds no rows
+    delta, comms, *_ = sharded_direction(g, world=3, owner=2)  # the owner itself holds no rows
     torch.testing.assert_close(delta, swan_direction(g, unsharded(g)), rtol=1e-5, atol=1e-6)
     assert comms[0] == comms[1] == comms[2]
 
@@ -160,7 +99,7 @@ def test_empty_shards_join_every_collective(shape):
 @pytest.mark.parametrize("shape", [(6, 4), (4, 6)])
 def test_zero_and_constant_gradients_give_zero_without_nan(shape):
     for g in (torch.zeros(shape), torch.ones(shape) * torch.randn(shape[0], 1)):
-        delta, _, _ = sharded_direction(g)
+        delta, *_ = sharded_direction(g)
         assert torch.equal(delta, torch.zeros(shape))
 
 
@@ -171,7 +110,7 @@ def test_bf16_whitening_on_shards_is_as_accurate_as_unsharded(shape):
     # the left side). What must hold is that sharding does not make bf16 whitening worse: its distance to the fp32
     # direction stays that of the unsharded bf16 run (measured ratio ≤ 1.07).
     g = hetero(*shape).bfloat16()
-    delta, _, _ = sharded_direction(g, fp32_whitening=False)
+    delta, *_ = sharded_direction(g, fp32_whitening=False)
     fp32 = swan_direction(g, unsharded(g))
     whole = swan_direction(g, unsharded(g), fp32_whitening=False)
     assert rel(delta, fp32) < 1.25 * rel(whole, fp32)

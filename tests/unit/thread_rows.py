@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -50,6 +51,8 @@ class ThreadRows(Rows):
         self.world, self.rank, self.owner = hub.world, rank, owner % hub.world
         self.start = min(rank * math.ceil(total / hub.world), total)
         self.kept: list[Tensor] = []
+        self.comm: Counter = Counter()  #: payload bytes by kind, counted like ``distributed.COMM``
+        self.broadcasts: list[Tensor] = []  #: every broadcast result this rank received, in order
 
     def _all_reduce(self, t: Tensor, op) -> Tensor:
         t = t.contiguous()
@@ -64,16 +67,22 @@ class ThreadRows(Rows):
             result = stacked.amin(dim=0)
         else:
             raise NotImplementedError(op)
+        self.comm["all_reduce"] += t.numel() * t.element_size()
         return t.copy_(result)
 
     def gather(self, x: Tensor) -> Tensor:
         chunk = math.ceil(self.total / self.world)
         padded = x.new_zeros((chunk, *x.shape[1:]))
         padded[: x.shape[0]] = x
-        return torch.cat(self.hub.exchange(self.rank, padded))[: self.total]
+        full = torch.cat(self.hub.exchange(self.rank, padded))[: self.total]
+        self.comm["all_gather"] += full.numel() * full.element_size()
+        return full
 
     def broadcast(self, t: Tensor) -> Tensor:
-        return t.copy_(self.hub.exchange(self.rank, t.contiguous())[self.owner])
+        t.copy_(self.hub.exchange(self.rank, t.contiguous())[self.owner])
+        self.comm["broadcast"] += t.numel() * t.element_size()
+        self.broadcasts.append(t.clone())
+        return t
 
     def keep(self, t: Tensor, total: int | None = None) -> Tensor:
         self.kept.append(t)
