@@ -31,6 +31,18 @@ def fsdp_requested(args=None) -> bool:
     return _flag("ACCELERATE_USE_FSDP") or bool(getattr(args, "fsdp", None))
 
 
+def fsdp_version(args=None) -> int | None:
+    """The FSDP version a run will use (1 or 2), None without FSDP. ``TrainingArguments`` (after their
+    ``__post_init__``; transformers defaults to 2) take precedence over ``accelerate launch``'s environment
+    (``FSDP_VERSION``; accelerate defaults to 1), as in HF Trainer's ``create_accelerator_and_postprocess``."""
+    plugin_args = getattr(args, "fsdp_plugin_args", None)
+    if plugin_args:
+        return int(plugin_args.get("fsdp_version", 2))
+    if fsdp_requested(args):
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
+
+
 def deepspeed_requested(args=None) -> bool:
     return _flag("ACCELERATE_USE_DEEPSPEED") or bool(getattr(args, "deepspeed", None))
 

@@ -152,11 +152,11 @@ class TrainingArguments(transformers.TrainingArguments):
         name = _optim_name(self.optim)
         if is_memtrain_optimizer(name):
             options = registry.parse_optim_args(name, self.optim_args)  # fail now on a bad option
-            if self.layerwise or options.get("layerwise", False):
-                self._check_layerwise()
             self.optim = OptimizerNames.ADAMW_TORCH.value  # HF validates its own enum; restore ours after
             super().__post_init__()
             self.optim = name
+            if self.layerwise or options.get("layerwise", False):
+                self._check_layerwise()  # after HF's __post_init__, which resolves the FSDP version
         elif name in HF_OPTIMIZERS:
             if self.layerwise:
                 raise ValueError(f"--layerwise needs a memtrain optimizer, not HF's {name!r}; memtrain optimizers: "
@@ -172,9 +172,16 @@ class TrainingArguments(transformers.TrainingArguments):
         """Refuse what layer-wise release cannot do, before any training starts (galore.md §10.1)."""
         if self.max_grad_norm and self.max_grad_norm > 0:
             raise ValueError(f"{GLOBAL_CLIP_MESSAGE} (got max_grad_norm={self.max_grad_norm})")
-        if self.fsdp or self.deepspeed:
-            raise ValueError("layer-wise release does not support FSDP or DeepSpeed (their gradients are sharded after "
-                             "the hooks run); use DDP or a single process, or turn layerwise off")
+        if accelerate_cpu.deepspeed_requested(self):
+            raise ValueError("layer-wise release does not support DeepSpeed ZeRO: ZeRO reduces the gradients into "
+                             "its own flat buffers and hands the optimizer flat partitions, so no per-parameter hook "
+                             "sees a final gradient. Use FSDP2 (configs/accelerate/fsdp2.yaml), DDP or a single "
+                             "process, or turn layerwise off")
+        if accelerate_cpu.fsdp_version(self) == 1:
+            raise ValueError("layer-wise release does not support FSDP1: FSDP1 reduce-scatters one flat gradient that "
+                             "mixes parameters and stores it outside autograd, so no per-parameter hook sees a final "
+                             "gradient. Use FSDP2 (fsdp_version 2, configs/accelerate/fsdp2.yaml), DDP or a single "
+                             "process, or turn layerwise off")
         ckpt_kwargs = self.gradient_checkpointing_kwargs
         if self.gradient_checkpointing and isinstance(ckpt_kwargs, dict) and ckpt_kwargs.get("use_reentrant"):
             raise ValueError("layer-wise release needs non-reentrant gradient checkpointing: with use_reentrant=True a "
@@ -377,10 +384,16 @@ class Trainer(transformers.Trainer):
         ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
         if ids is not None:
             self.report_callback.local_tokens += ids.numel()  # summed across ranks once, in the report
-        if find_layerwise(self.optimizer) is not None and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            # Layer-wise hooks all-reduce each gradient themselves; DDP's bucketed all-reduce must not run too.
-            with model.no_sync():
-                return super().training_step(model, inputs, num_items_in_batch)
+        layerwise = find_layerwise(self.optimizer)
+        if layerwise is not None:
+            # Under FSDP2 HF Trainer built the optimizer before accelerate swapped the sharded parameters in: hook
+            # those (ensure_hooks). FSDP2 reduce-scatters before its hooks run, so it needs nothing else; on earlier
+            # micro-batches accelerate's no_sync defers that reduce-scatter (set_requires_gradient_sync(False)).
+            layerwise.ensure_hooks()
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                # Layer-wise hooks all-reduce each DDP gradient themselves; DDP's bucketed all-reduce must not run.
+                with model.no_sync():
+                    return super().training_step(model, inputs, num_items_in_batch)
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _get_grad_norm(self, model, grad_norm=None):

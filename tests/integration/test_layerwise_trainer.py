@@ -88,6 +88,25 @@ def test_refusals(tmp_path):
                   gradient_checkpointing_kwargs={"use_reentrant": True})
 
 
+def test_engine_refusals(tmp_path, monkeypatch):
+    """FSDP2 is allowed (from the arguments or accelerate launch's environment); FSDP1 and DeepSpeed are refused."""
+    monkeypatch.delenv("FSDP_CPU_RAM_EFFICIENT_LOADING", raising=False)  # HF's FSDP setup writes it; restored after
+    with pytest.raises(ValueError, match="does not support FSDP1: FSDP1 reduce-scatters one flat gradient"):
+        make_args(tmp_path, optim="adamw", layerwise=True, max_grad_norm=0.0, fsdp="full_shard",
+                  fsdp_config={"version": 1})
+    make_args(tmp_path, optim="adamw", layerwise=True, max_grad_norm=0.0, fsdp="full_shard")  # version 2, HF's default
+    args = make_args(tmp_path, optim="adamw", layerwise=True, max_grad_norm=0.0)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch --config_file configs/accelerate/fsdp2.yaml
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    args._check_layerwise()
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="does not support FSDP1"):
+        args._check_layerwise()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="does not support DeepSpeed ZeRO"):
+        args._check_layerwise()
+
+
 def test_optim_target_modules_reach_the_optimizer(tmp_path):
     args = make_args(tmp_path, optim="galore", optim_args="rank=4", optim_target_modules=["q_proj"], max_steps=1)
     trainer = memtrain.Trainer(model=tiny_llama(), args=args, train_dataset=pattern_dataset())

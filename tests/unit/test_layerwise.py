@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import memtrain
+from memtrain.optim.adamw import AdamW
 from memtrain.optim.layerwise import LayerwiseOptimizer
 
 from ..conftest import lm_batch, tiny_llama
@@ -77,6 +78,26 @@ def test_gradients_that_missed_the_gate_are_applied_by_step():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_hooks_follow_parameters_swapped_into_the_groups():
+    """HF Trainer builds the optimizer before accelerate's FSDP2 preparation swaps new parameter objects into
+    ``param_groups``: ensure_hooks() moves the release hooks to them (and off the old ones)."""
+    ref_model, _ = _train("adamw", layerwise=False, accumulation=1)
+    old, model = tiny_llama(), tiny_llama()
+    opt = memtrain.build_optimizer(old, "adamw", lr=1e-2, weight_decay=0.01, layerwise=True)
+    new = dict(model.named_parameters())
+    for group in opt.param_groups:
+        group["params"] = [new[n] for n in group["names"]]
+    opt.ensure_hooks()
+    assert not any(p._post_accumulate_grad_hooks for p in old.parameters())
+    for step in range(3):
+        model(**lm_batch(100 * step)).loss.backward()
+        assert all(p.grad is None for p in model.parameters())  # applied and released inside backward
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["adamw", "galore"])
 def test_peak_gradient_memory_is_one_parameter(name):
     """A test hook, registered before the release hooks so it sees each gradient before it is freed, records the
@@ -133,3 +154,7 @@ def test_refusals():
         memtrain.build_optimizer(model, "adamw", lr=1e-3, layerwise=True, layerwise_clip=-1.0)
     assert memtrain.parse_optim_args("galore", "layerwise=true,layerwise_clip=1.5") == {
         "layerwise": True, "layerwise_clip": 1.5}
+    flat = torch.nn.Parameter(torch.zeros(8))
+    flat._is_flat_param = True  # how FSDP1 marks its FlatParameter
+    with pytest.raises(NotImplementedError, match="does not support FSDP1"):
+        LayerwiseOptimizer(AdamW([flat], lr=1e-3))
