@@ -12,15 +12,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from peft import LoraConfig
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from memtrain import adapters, distributed
 from memtrain.metrics import optimizer_state_bytes
 
-from tests.distributed.parity_worker import LR, full, tiny_llama, train
+from tests.distributed.parity_worker import LR, full, fully_shard_units, tiny_llama, train
 
 #: name -> (adapter, adapter options). LoRA factors start random (``init_lora_weights=False``) so that B ≠ 0
 #: and every term of the methods is exercised from step 1.
@@ -49,11 +46,7 @@ def run_case(case, engine, rank, world):
     train(reference, adapters.create_optimizer(adapter, reference, lr=LR, weight_decay=0.01, **options), 0, 1)
     model = peft_model(adapter, options)
     if engine == "fsdp2":
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in model.base_model.model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        wrapped = model
+        wrapped = fully_shard_units(model, model.base_model.model.model.layers, world)
     else:
         wrapped = DistributedDataParallel(model)
     opt = adapters.create_optimizer(adapter, model, lr=LR, weight_decay=0.01, **options)

@@ -61,17 +61,22 @@ def full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def fully_shard_units(model, units, world):
+    """FSDP2 as accelerate's config applies it: ``fully_shard`` each unit (the decoder layers), then the root."""
+    mesh = init_device_mesh("cpu", (world,))
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert all(isinstance(p, DTensor) for p in model.parameters()), "FSDP2 did not shard the parameters"
+    return model
+
+
 def run_case(name, engine, rank, world, options):
     reference = tiny_llama()
     train(reference, memtrain.build_optimizer(reference, name, lr=LR, weight_decay=0.01, **options), 0, 1)
     model = tiny_llama()
     if engine == "fsdp2":
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        assert all(isinstance(p, DTensor) for p in model.parameters()), "FSDP2 did not shard the parameters"
-        wrapped = model
+        wrapped = fully_shard_units(model, model.model.layers, world)
     else:
         wrapped = DistributedDataParallel(model)
     opt = memtrain.build_optimizer(model, name, lr=LR, weight_decay=0.01, **options)

@@ -21,6 +21,11 @@ from memtrain.pretrain import PRETRAIN_DEFAULTS, ModelDataArguments, run
 #: optim_args that make each method do its real work in a few steps: a low rank with a projector refresh after
 #: the resume point (galore, fira), quantised moments on the tiny model (adam4bit).
 OPTIM_ARGS = {"galore": "rank=8,update_proj_gap=2", "fira": "rank=8,update_proj_gap=2", "adam4bit": "threshold=1024"}
+#: ``--optims`` entries may name a variant, ``<optimizer>+<variant>``: layer-wise release, and the same run without
+#: it. Both drop the global-norm clipping that layer-wise mode refuses and accumulate 2 micro-batches of half the
+#: batch (HF Trainer's no_sync path). Later flags win, so these override the shared ones.
+ACCUMULATE = ["--max_grad_norm", "0", "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "2"]
+VARIANTS = {"": [], "layerwise": ACCUMULATE + ["--layerwise"], "standard": ACCUMULATE}
 
 
 def pretrain(argv: list[str]) -> dict:
@@ -37,17 +42,19 @@ def main():
     shared = [a for a in shared if a != "--"]
     half = int(shared[shared.index("--max_steps") + 1]) // 2
     results = {}
-    for name in ours.optims.split(","):
-        out = Path(ours.workdir) / name
-        common = shared + ["--optim", name] + (["--optim_args", OPTIM_ARGS[name]] if name in OPTIM_ARGS else [])
+    for entry in ours.optims.split(","):
+        name, _, variant = entry.partition("+")
+        out = Path(ours.workdir) / entry
+        common = shared + VARIANTS[variant] + ["--optim", name] + (
+            ["--optim_args", OPTIM_ARGS[name]] if name in OPTIM_ARGS else [])
         if ours.no_resume:
-            results[name] = {"first": pretrain(common + ["--output_dir", str(out / "first")])}
+            results[entry] = {"first": pretrain(common + ["--output_dir", str(out / "first")])}
             continue
         first = pretrain(common + ["--output_dir", str(out / "first"), "--save_strategy", "steps",
                                    "--save_steps", str(half)])
         resumed = pretrain(common + ["--output_dir", str(out / "resumed"),
                                      "--resume_from_checkpoint", str(out / "first" / f"checkpoint-{half}")])
-        results[name] = {"first": first, "resumed": resumed}
+        results[entry] = {"first": first, "resumed": resumed}
     distributed = dist.is_initialized()  # the single-process config starts no process group
     if not distributed or dist.get_rank() == 0:
         Path(ours.out).write_text(json.dumps(results, indent=1))
