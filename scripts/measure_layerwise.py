@@ -2,9 +2,13 @@
 peak process memory (CUDA max allocated on GPU; peak RSS on CPU, coarse), with and without release.
 
     python scripts/measure_layerwise.py --model llama-20m --optims adamw galore:rank=64 --steps 4
+    python scripts/measure_layerwise.py --fsdp2 2 --model llama-20m --optims adamw   # FSDP2 on 2 ranks (torchrun)
 
-Each configuration runs in a fresh process, so peak RSS is not inherited from an earlier run. Prints a
-markdown table (and writes it with --out).
+Each configuration runs in a fresh process (group), so peak RSS is not inherited from an earlier run. Prints a
+markdown table (and writes it with --out). Gradient bytes are those of the distinct storages behind the live
+``.grad`` tensors: under FSDP2 a unit's gradient shards are views of one reduce-scatter buffer, alive until the
+last of them is released, so "largest gradient" is the largest such buffer (one FSDP unit's shards). With
+``--fsdp2`` every byte count is per rank ("rank 0 / rank 1 / ..."); each rank trains on ``--batch`` sequences.
 """
 from __future__ import annotations
 
@@ -14,26 +18,41 @@ import subprocess
 import sys
 
 
-def measure(model_name: str, optim: str, layerwise: bool, steps: int, batch: int, seq_len: int) -> dict:
+def measure(model_name: str, optim: str, layerwise: bool, steps: int, batch: int, seq_len: int,
+            fsdp2: bool = False) -> dict:
     import resource
 
     import torch
 
     import memtrain
-    from memtrain.metrics import optimizer_state_bytes
+    from memtrain.distributed import local
+    from memtrain.metrics import optimizer_state_bytes, storage_bytes
     from memtrain.models import build_model
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(model_name).to(device)
+    if fsdp2:  # as configs/accelerate/fsdp2.yaml: each decoder layer is an FSDP unit, the root another
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(dist.get_rank())
+            model = model.to(torch.cuda.current_device())
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     params = [p for p in model.parameters() if p.requires_grad]
-    peak = [0]
+    peak, largest = [0], [0]
 
     # Registered before the release hooks, so each call sees the gradient that just became final before it is
-    # freed: the sum over live ``.grad`` tensors at that moment is the gradient memory held then.
+    # freed: the storage behind the live ``.grad`` tensors at that moment is the gradient memory held then.
     def record(param):
-        current = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-        peak[0] = max(peak[0], current)
+        peak[0] = max(peak[0], storage_bytes(p.grad for p in params if p.grad is not None))
+        largest[0] = max(largest[0], storage_bytes([param.grad]))
 
     for p in params:
         p.register_post_accumulate_grad_hook(record)
@@ -49,19 +68,28 @@ def measure(model_name: str, optim: str, layerwise: bool, steps: int, batch: int
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        peak_memory, kind = torch.cuda.max_memory_allocated(), "cuda_max_allocated"
+    else:
+        peak_memory, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"
     out = {
-        "model": model_name, "optim": optim, "layerwise": layerwise,
+        "model": model_name, "optim": optim, "layerwise": layerwise, "peak_memory_kind": kind,
         "parameters": sum(p.numel() for p in params),
-        "all_gradient_bytes": sum(p.numel() * p.element_size() for p in params),
-        "largest_gradient_bytes": max(p.numel() * p.element_size() for p in params),
+        "all_gradient_bytes": sum(local(p).numel() * p.element_size() for p in params),
+        "largest_gradient_bytes": largest[0],
         "peak_live_gradient_bytes": peak[0],
         "optimizer_state_bytes": optimizer_state_bytes(opt),
+        "peak_memory_bytes": peak_memory,
     }
-    if device.type == "cuda":
-        out["peak_memory_bytes"], out["peak_memory_kind"] = torch.cuda.max_memory_allocated(), "cuda_max_allocated"
-    else:
-        out["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        out["peak_memory_kind"] = "cpu_peak_rss"
+    if fsdp2:  # every byte count as a list over ranks
+        counts = [k for k, v in out.items() if k.endswith("_bytes")]
+        mine = torch.tensor([out[k] for k in counts], dtype=torch.int64, device=device)
+        gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
+        out |= {k: [int(g[i]) for g in gathered] for i, k in enumerate(counts)}
+        if dist.get_rank() != 0:
+            out = None
+        dist.destroy_process_group()
     return out
 
 
@@ -73,23 +101,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=128)
+    parser.add_argument("--fsdp2", type=int, default=0, metavar="RANKS",
+                        help="shard with FSDP2 over this many ranks (torchrun; gloo on CPU, nccl on GPUs)")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a._one:  # child process: one configuration
         optim, layerwise = json.loads(a._one)
-        print(json.dumps(measure(a.model, optim, layerwise, a.steps, a.batch, a.seq_len)))
+        result = measure(a.model, optim, layerwise, a.steps, a.batch, a.seq_len, fsdp2=bool(a.fsdp2))
+        if result is not None:
+            print(json.dumps(result))
         return
     rows = []
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.fsdp2)]
+                                 if a.fsdp2 else [])
     for optim in a.optims:
         for layerwise in (False, True):
-            cmd = [sys.executable, __file__, "--model", a.model, "--steps", str(a.steps), "--batch", str(a.batch),
-                   "--seq_len", str(a.seq_len), "--_one", json.dumps([optim, layerwise])]
+            cmd = launch + [__file__, "--model", a.model, "--steps", str(a.steps), "--batch", str(a.batch),
+                            "--seq_len", str(a.seq_len), "--fsdp2", str(a.fsdp2), "--_one",
+                            json.dumps([optim, layerwise])]
             rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                                    .strip().splitlines()[-1]))
-    mib = lambda b: f"{b / 2**20:,.2f}"  # noqa: E731
+
+    def mib(b):
+        return " / ".join(mib(x) for x in b) if isinstance(b, list) else f"{b / 2**20:,.2f}"
+
+    engine = f", FSDP2 on {a.fsdp2} ranks (bytes per rank, each rank {a.batch} sequences)" if a.fsdp2 else ""
     lines = [
-        f"Model `{a.model}`, batch {a.batch} × {a.seq_len} tokens, {a.steps} steps, fp32.",
+        f"Model `{a.model}`, batch {a.batch} × {a.seq_len} tokens, {a.steps} steps, fp32{engine}.",
         "",
         "| optimizer | layer-wise | peak live gradients (MiB, hooks) | all gradients (MiB) | largest gradient (MiB) "
         f"| optimizer state (MiB) | peak memory (MiB, {rows[0]['peak_memory_kind']}) |",
