@@ -12,6 +12,7 @@ Every HF TrainingArguments flag works, plus the data flags of scripts/pretrain.p
 import sys
 
 from memtrain.cli import parse_args
+from memtrain.distributed import end_process_group
 from memtrain.finetune import FINETUNE_DEFAULTS, FinetuneArguments, benchmark, run
 from memtrain.hf import TrainingArguments
 from memtrain.optim import format_optimizers
@@ -27,6 +28,7 @@ def main(argv=None):
         benchmark(fargs, args, argv)
     else:
         run(fargs, args)
+    end_process_group()  # on success only: after an error on one rank, a barrier would wait for the others
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Every HF TrainingArguments flag works, plus --model, --dataset, --tokenizer, --s
 import sys
 
 from memtrain.cli import parse_args
+from memtrain.distributed import end_process_group
 from memtrain.hf import TrainingArguments
 from memtrain.optim import format_optimizers
 from memtrain.pretrain import PRETRAIN_DEFAULTS, ModelDataArguments, run
@@ -22,6 +23,7 @@ def main(argv=None):
         return
     margs, args = parse_args((ModelDataArguments, TrainingArguments), PRETRAIN_DEFAULTS, argv)
     run(margs, args)
+    end_process_group()  # on success only: after an error on one rank, a barrier would wait for the others
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 400) -> sub
 
 def accelerate_launch(config: str, *args: str, timeout: int = 400,
                       script: str = "scripts/pretrain.py") -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"configs/accelerate/{config}.yaml",
+    config_file = config if config.endswith(".yaml") else f"configs/accelerate/{config}.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
            "--main_process_port", "0", script, *args]
     return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
 

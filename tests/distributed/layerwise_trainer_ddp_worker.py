@@ -8,6 +8,7 @@ import sys
 import torch
 
 import memtrain
+from memtrain.distributed import end_process_group
 from tests.conftest import tiny_llama
 from tests.integration.test_trainer import pattern_dataset
 
@@ -36,7 +37,7 @@ def main():
             json.dump({"max_abs_diff": max((a - b).abs().max().item() for a, b in zip(layerwise, standard)),
                        "losses": [std_losses, lw_losses], "world_size": torch.distributed.get_world_size(),
                        "replicas_identical": all(torch.equal(g, gathered[0]) for g in gathered)}, f)
-    torch.distributed.destroy_process_group()
+    end_process_group()
     sys.exit(0)
 
 

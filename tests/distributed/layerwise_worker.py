@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import memtrain
+from memtrain.distributed import end_process_group
 from memtrain.metrics import storage_bytes
 from tests.conftest import VOCAB, lm_batch, tiny_llama
 from tests.distributed.parity_worker import OPTIONS, full, fully_shard_units
@@ -147,7 +148,7 @@ def main():
             with open(args.out, "w") as f:
                 json.dump(results, f)
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 if __name__ == "__main__":

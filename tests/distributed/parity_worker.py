@@ -121,7 +121,7 @@ def main():
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
     finally:
-        dist.destroy_process_group()
+        distributed.end_process_group()
 
 
 if __name__ == "__main__":

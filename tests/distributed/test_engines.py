@@ -1,8 +1,8 @@
-"""HF Trainer + DeepSpeed ZeRO-1/2/3 accelerate configs on 2 CPU ranks.
+"""HF Trainer + DeepSpeed ZeRO-1/2/3 (and FSDP1) accelerate configs on 2 CPU ranks.
 
 ZeRO runs the elementwise/blockwise optimizers (``deepspeed`` capability) as client optimizers and resumes exactly
-from DeepSpeed's partitioned checkpoint; matrix methods refuse the flat partitions before training. One launch
-per stage runs every such optimizer (tests/distributed/trainer_resume_worker.py).
+from DeepSpeed's partitioned checkpoint; matrix methods refuse ZeRO's and FSDP1's flat partitions before
+training. One launch per stage runs every such optimizer (tests/distributed/trainer_resume_worker.py).
 """
 import importlib.util
 
@@ -10,7 +10,7 @@ import pytest
 
 from memtrain.optim.registry import get_spec, optimizer_names
 
-from .launch import QUICK, accelerate_launch, trainer_runs
+from .launch import QUICK, REPO, accelerate_launch, trainer_runs
 
 ZERO = [n for n in optimizer_names() if get_spec(n).deepspeed]
 REFUSED = [n for n in optimizer_names() if not get_spec(n).deepspeed]
@@ -18,8 +18,8 @@ REFUSED = [n for n in optimizer_names() if not get_spec(n).deepspeed]
 #: back to blocks (adam4bit.md §7), so it tracks, not equals, the unsharded run (measured: 3.1e-4 on ZeRO-2/3).
 TOLERANCE = {"adam4bit": 2e-3}
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                reason="DeepSpeed is not installed (pip install --no-build-isolation deepspeed)")
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="DeepSpeed is not installed (pip install --no-build-isolation deepspeed)")
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,7 @@ def zero(tmp_path_factory):
     return runs
 
 
+@needs_deepspeed
 @pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("name", ZERO)
 def test_zero_runs_client_optimizers_and_resumes_exactly(zero, single, stage, name):
@@ -51,10 +52,25 @@ def test_zero_runs_client_optimizers_and_resumes_exactly(zero, single, stage, na
         assert per_rank == [4 * first["trainable_parameters"]] * 2
 
 
+@needs_deepspeed
 @pytest.mark.parametrize("name", REFUSED[:1])
 def test_zero_refuses_matrix_methods_before_training(tmp_path, name):
     proc = accelerate_launch("zero2", "--output_dir", str(tmp_path), "--optim", name, *QUICK,
                              "--per_device_train_batch_size", "4")
     assert proc.returncode != 0
     assert f"optimizer {name!r} needs each weight's matrix shape" in proc.stderr
+    assert "FSDP2" in proc.stderr
+
+
+def test_fsdp1_refuses_matrix_methods_before_training(tmp_path):
+    """FSDP1 (flat parameters, with or without use_orig_params) gets the same rule as ZeRO: refused before
+    training, naming FSDP2. The FSDP2 config with ``fsdp_version: 1`` is an FSDP1 run (real FSDP on CPU through
+    memtrain.accelerate_cpu)."""
+    config = tmp_path / "fsdp1.yaml"
+    fsdp1 = "fsdp_version: 1\n  fsdp_sync_module_states: false"  # CPU: FSDP1 cannot sync module states there
+    config.write_text((REPO / "configs/accelerate/fsdp2.yaml").read_text().replace("fsdp_version: 2", fsdp1))
+    proc = accelerate_launch(str(config), "--output_dir", str(tmp_path / "out"), "--optim", "swan", *QUICK,
+                             "--per_device_train_batch_size", "4")
+    assert proc.returncode != 0
+    assert "optimizer 'swan' needs each weight's matrix shape, but FSDP1 hands optimizers flat 1-D" in proc.stderr
     assert "FSDP2" in proc.stderr

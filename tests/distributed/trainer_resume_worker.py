@@ -15,6 +15,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from memtrain.cli import parse_args
+from memtrain.distributed import end_process_group
 from memtrain.hf import TrainingArguments
 from memtrain.pretrain import PRETRAIN_DEFAULTS, ModelDataArguments, run
 
@@ -55,11 +56,9 @@ def main():
         resumed = pretrain(common + ["--output_dir", str(out / "resumed"),
                                      "--resume_from_checkpoint", str(out / "first" / f"checkpoint-{half}")])
         results[entry] = {"first": first, "resumed": resumed}
-    distributed = dist.is_initialized()  # the single-process config starts no process group
-    if not distributed or dist.get_rank() == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:  # the single-process config starts no process group
         Path(ours.out).write_text(json.dumps(results, indent=1))
-    if distributed:
-        dist.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":
