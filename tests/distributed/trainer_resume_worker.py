@@ -18,10 +18,11 @@ from memtrain.cli import parse_args
 from memtrain.distributed import end_process_group
 from memtrain.hf import TrainingArguments
 from memtrain.pretrain import PRETRAIN_DEFAULTS, ModelDataArguments, run
+from tests.distributed.parity_worker import OPTIONS
 
-#: optim_args that make each method do its real work in a few steps: a low rank with a projector refresh after
-#: the resume point (galore, fira), quantised moments on the tiny model (adam4bit).
-OPTIM_ARGS = {"galore": "rank=8,update_proj_gap=2", "fira": "rank=8,update_proj_gap=2", "adam4bit": "threshold=1024"}
+#: parity_worker's options as optim_args: the same low rank with a projector refresh after the resume point
+#: (galore, fira) and quantised moments on the tiny model (adam4bit).
+OPTIM_ARGS = {name: ",".join(f"{k}={v}" for k, v in options.items()) for name, options in OPTIONS.items()}
 #: ``--optims`` entries may name a variant, ``<optimizer>+<variant>``: layer-wise release, and the same run without
 #: it. Both drop the global-norm clipping that layer-wise mode refuses and accumulate 2 micro-batches of half the
 #: batch (HF Trainer's no_sync path). Later flags win, so these override the shared ones.
