@@ -1,51 +1,56 @@
-"""Command-line parsing shared by the scripts: HF ``HfArgumentParser`` over our dataclasses plus memtrain's
-``TrainingArguments``, with script defaults, and a YAML/JSON config file accepted in place of (or before)
-the flags: ``python scripts/pretrain.py configs/pretrain/tiny.yaml --max_steps 50``.
+"""The ``memtrain`` command: one entry point whose subcommands are memtrain's jobs and tools.
+
+    memtrain pretrain [config.yaml] [--flags]     pretrain a model (memtrain/recipes/pretrain.py)
+    memtrain finetune [config.yaml] [--flags]     fine-tune with an adapter or fully (memtrain/recipes/finetune.py)
+    memtrain bench [engines|layerwise] [...]      benchmarks (memtrain/bench/)
+    memtrain list [NAME]                          registered optimizers, or one optimizer's options
+    memtrain slimadam-rules --output FILE         derive SlimAdam compression rules
+
+``python -m memtrain ...`` and ``accelerate launch -m memtrain pretrain ...`` run the same code. Each subcommand
+takes exactly the flags and config files of its job; ``memtrain SUBCOMMAND --help`` lists them.
 """
 from __future__ import annotations
 
-import json
+import importlib
 import sys
-from pathlib import Path
-from typing import Any, Sequence
 
-import yaml
-from transformers import HfArgumentParser
-
-CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {str(path)!r} must hold a mapping of argument names to values")
-    return data
+#: subcommand -> (module, function, one-line help). Modules load only when their subcommand runs.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "pretrain": ("memtrain.recipes.pretrain", "main", "pretrain a model from a named config with any optimizer"),
+    "finetune": ("memtrain.recipes.finetune", "main", "fine-tune a saved model with a LoRA adapter or fully"),
+    "bench": ("memtrain.bench", "main", "benchmarks: optimizers (default), engines, layerwise"),
+    "list": ("memtrain.optim.registry", "list_main", "list the registered optimizers, or one optimizer's options"),
+    "slimadam-rules": ("memtrain.recipes.slimadam_rules", "main", "derive SlimAdam compression rules"),
+}
 
 
-def parse_args(dataclass_types: Sequence[type], defaults: dict[str, Any] | None = None,
-               argv: Sequence[str] | None = None) -> tuple:
-    """Parse ``argv`` into instances of ``dataclass_types``.
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: memtrain COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "memtrain COMMAND --help shows a command's flags."]
+    return "\n".join(lines)
 
-    Precedence: command-line flags > config file (first argument, if it ends in .yaml/.yml/.json) >
-    ``defaults`` (the script's) > the dataclasses' own defaults. Unknown keys in the config file are an error.
-    """
+
+def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(dataclass_types)
-    merged = dict(defaults or {})
-    if argv and argv[0].endswith(CONFIG_SUFFIXES):
-        config = load_config_file(argv.pop(0))
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"unknown argument(s) in config file: {', '.join(unknown)}")
-        merged.update(config)
-    # A required dataclass field (output_dir has none in some versions) may come from the defaults.
-    for action in parser._actions:
-        if action.dest in merged:
-            action.required = False
-    parser.set_defaults(**merged)
-    return parser.parse_args_into_dataclasses(args=argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"memtrain {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"memtrain: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, function, _ = COMMANDS[command]
+    sys.argv = [f"memtrain {command}", *rest]  # argparse/HfArgumentParser show the subcommand as the program
+    result = getattr(importlib.import_module(module), function)(rest)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

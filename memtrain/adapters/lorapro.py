@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..distributed import Rows, local, unsharded
+from ..optim.sharding import Rows, local, unsharded
 from ..optim.base import FALLBACK, _check_betas, _check_hyper, fp32_view
 from ..optim.transforms import adam_direction_, lorapro_adjust, lorapro_eigh, lorapro_grams
 from .common import (build_adapter_optimizer, fallback_update_without_decay, lora_layers, make_pair,

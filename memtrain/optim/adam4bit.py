@@ -29,7 +29,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from ..distributed import Rows, local
+from .sharding import Rows, local
 from .base import SHAPED_ROLES, MemtrainOptimizer, fp32_view
 from .quant4 import BlockCodec, Rank1Codec, linear_table, signed_de_table
 from .registry import OptimizerSpec, register

@@ -14,7 +14,7 @@ A method subclasses :class:`MemtrainOptimizer`, names the roles it transforms in
   parameter dtype, turning fp32 moments of a bf16 model into bf16 and uint8 codes into floats);
 * the loud refusal of flattened 1-D shards for roles whose method needs the matrix shape;
 * FSDP2: ``update()`` gets the rank's local rows of a sharded parameter and its gradient, plus a
-  :class:`~memtrain.distributed.Rows` that provides the collectives the method's transforms need (see
+  :class:`~memtrain.optim.sharding.Rows` that provides the collectives the method's transforms need (see
   ``memtrain/distributed.py``); unsharded parameters get the same call with identity collectives.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from ..distributed import Rows, local, unsharded
+from .sharding import Rows, local, unsharded
 from .transforms import adamw_t_
 
 FALLBACK = "adamw"

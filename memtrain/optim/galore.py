@@ -13,7 +13,7 @@ State per projected parameter is plain (README §2.8): ints ``step``, ``side``, 
 ``torch.load(weights_only=True)`` resume works; the randomized solver's seed is rebuilt from stored integers.
 
 Under FSDP2 (galore.md §7, fira.md §7) ``update()`` gets this rank's rows G_k and the collectives of
-:class:`~memtrain.distributed.Rows`:
+:class:`~memtrain.optim.sharding.Rows`:
 
 * the refresh decision (finite, not all zero) is one MIN all-reduce of the local flags, so every rank enters the
   same collectives, empty shards included;
@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import transforms as T
-from ..distributed import Rows, local, unsharded
+from .sharding import Rows, local, unsharded
 from .base import MemtrainOptimizer, fp32_view
 from .registry import OptimizerSpec, register
 

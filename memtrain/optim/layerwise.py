@@ -44,7 +44,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..distributed import Rows, local
+from .sharding import Rows, local
 from .base import MemtrainOptimizer
 
 GLOBAL_CLIP_MESSAGE = (

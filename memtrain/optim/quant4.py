@@ -167,7 +167,7 @@ class Rank1Codec:
 
     def encode(self, x: Tensor, column_max: Callable[[Tensor], Tensor] = lambda col: col) -> dict[str, Tensor]:
         """``column_max`` turns this tensor's column maxima into the whole tensor's (the identity when ``x`` is
-        whole; :meth:`memtrain.distributed.Rows.max` for a row shard)."""
+        whole; :meth:`memtrain.optim.sharding.Rows.max` for a row shard)."""
         if x.dim() != 2:
             raise ValueError(f"rank-1 normalisation needs a 2-D tensor, got shape {tuple(x.shape)}")
         row = x.amax(dim=1, keepdim=True)

@@ -137,6 +137,34 @@ def format_optimizers() -> str:
     return "\n".join(lines)
 
 
+def format_options(name: str) -> str:
+    """One optimizer's ``optim_args`` options: name, type, default (registry preset where it has one)."""
+    spec = get_spec(name)
+    types = spec.option_types()
+    rows = []
+    for option, param in spec.options().items():
+        if option in TRAINER_ARGS:
+            continue
+        default = spec.defaults.get(option, param.default)
+        default = "required" if default is inspect.Parameter.empty else repr(default)
+        rows.append((option, getattr(types[option], "__name__", str(types[option])).replace("typing.", ""), default))
+    rows += [(k, t.__name__, repr(False if t is bool else 0.0)) for k, t in UNIVERSAL_OPTIONS.items()]
+    width = max(len(r[0]) for r in rows)
+    twidth = max(len(r[1]) for r in rows)
+    lines = [f"{spec.name}: {spec.description}", f"capabilities: "
+             f"{', '.join(k for k, v in spec.capabilities().items() if v) or '-'}", "options (optim_args k=v,k=v):"]
+    lines += [f"  {o:<{width}}  {t:<{twidth}}  default {d}" for o, t, d in rows]
+    lines.append("lr and weight_decay come from the training arguments (--learning_rate, --weight_decay).")
+    return "\n".join(lines)
+
+
+def list_main(argv=None) -> int:
+    """``memtrain list [NAME ...]``: every registered optimizer, or the options of the named ones."""
+    names = list(argv or [])
+    print(format_optimizers() if not names else "\n\n".join(format_options(n) for n in names))
+    return 0
+
+
 # -- options ----------------------------------------------------------------------------------------------
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}

@@ -31,7 +31,7 @@ from typing import Literal
 
 import torch
 
-from ..distributed import local
+from .sharding import local
 from .base import MemtrainOptimizer, _check_hyper, fp32_view
 from .registry import OptimizerSpec, register
 from .transforms import adamw_scale_, as_out_in, descend_, rms_normalize

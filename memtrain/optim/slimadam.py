@@ -21,7 +21,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from ..distributed import Rows, local
+from .sharding import Rows, local
 from .base import MemtrainOptimizer, fp32_view
 from .registry import OptimizerSpec, register
 from .routing import ROLES

@@ -11,7 +11,7 @@ import warnings
 
 from torch import Tensor
 
-from ..distributed import Rows, unsharded
+from .sharding import Rows, unsharded
 from .base import MemtrainOptimizer, _check_hyper, fp32_view
 from .registry import OptimizerSpec, register
 from .transforms import as_out_in, descend_, frobenius_sq, standardize, unit_rms, whiten

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import memtrain
-from memtrain.metrics import optimizer_state_bytes
+from memtrain.hf.metrics import optimizer_state_bytes
 
 from ..conftest import lm_batch, tiny_llama
 

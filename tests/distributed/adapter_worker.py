@@ -14,8 +14,9 @@ import torch.distributed as dist
 from peft import LoraConfig
 from torch.nn.parallel import DistributedDataParallel
 
-from memtrain import adapters, distributed
-from memtrain.metrics import optimizer_state_bytes
+from memtrain import adapters
+from memtrain.optim import sharding as distributed
+from memtrain.hf.metrics import optimizer_state_bytes
 
 from tests.distributed.parity_worker import LR, full, fully_shard_units, tiny_llama, train
 

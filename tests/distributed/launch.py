@@ -22,7 +22,9 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 400) -> sub
 
 def accelerate_launch(config: str, *args: str, timeout: int = 400,
                       script: str = "scripts/pretrain.py") -> subprocess.CompletedProcess:
-    config_file = config if config.endswith(".yaml") else f"configs/accelerate/{config}.yaml"
+    from memtrain.configs import accelerate_config
+
+    config_file = str(accelerate_config(config))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
            "--main_process_port", "0", script, *args]
     return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
@@ -39,10 +41,10 @@ QUICK = ["--max_steps", "4", "--max_train_samples", "64", "--max_eval_samples", 
 
 
 def trainer_runs(workdir: Path, config: str, names: list[str], batch: int = 4, resume: bool = True) -> dict:
-    """Every optimizer in ``names`` through HF Trainer under ``configs/accelerate/<config>.yaml``, in one launch
+    """Every optimizer in ``names`` through HF Trainer under the ``<config>`` engine (``memtrain/configs/accelerate/<config>.yaml``), in one launch
     (trainer_resume_worker.py): ``{name: {"first": report, "resumed": report}}``, each run starting from the same
     saved llama-tiny (ZeRO-3 would otherwise initialise a fresh model partitioned, with other random numbers)."""
-    from memtrain.models import build_model
+    from memtrain.recipes.models import build_model
 
     init = workdir / "init"
     build_model("llama-tiny", seed=0).save_pretrained(init)

@@ -8,7 +8,7 @@ import sys
 import torch
 
 import memtrain
-from memtrain.distributed import end_process_group
+from memtrain.hf.engines import end_process_group
 from tests.conftest import tiny_llama
 from tests.integration.test_trainer import pattern_dataset
 

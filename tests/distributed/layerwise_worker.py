@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import memtrain
-from memtrain.distributed import end_process_group
-from memtrain.metrics import storage_bytes
+from memtrain.hf.engines import end_process_group
+from memtrain.hf.metrics import storage_bytes
 from tests.conftest import VOCAB, lm_batch, tiny_llama
 from tests.distributed.parity_worker import OPTIONS, full, fully_shard_units
 

@@ -18,8 +18,8 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import memtrain
-from memtrain import distributed
-from memtrain.metrics import optimizer_state_bytes, storage_bytes
+from memtrain.optim import sharding as distributed
+from memtrain.hf.metrics import optimizer_state_bytes, storage_bytes
 
 STEPS, LR, GLOBAL_BATCH, LENGTH, VOCAB = 4, 3e-3, 8, 16, 64
 #: Options that make each method do its real work on this tiny model: a true low rank and a projector refresh

@@ -10,7 +10,9 @@ import pytest
 
 from memtrain.optim.registry import get_spec, optimizer_names
 
-from .launch import QUICK, REPO, accelerate_launch, trainer_runs
+from memtrain.configs import ACCELERATE
+
+from .launch import QUICK, accelerate_launch, trainer_runs
 
 ZERO = [n for n in optimizer_names() if get_spec(n).deepspeed]
 REFUSED = [n for n in optimizer_names() if not get_spec(n).deepspeed]
@@ -65,10 +67,10 @@ def test_zero_refuses_matrix_methods_before_training(tmp_path, name):
 def test_fsdp1_refuses_matrix_methods_before_training(tmp_path):
     """FSDP1 (flat parameters, with or without use_orig_params) gets the same rule as ZeRO: refused before
     training, naming FSDP2. The FSDP2 config with ``fsdp_version: 1`` is an FSDP1 run (real FSDP on CPU through
-    memtrain.accelerate_cpu)."""
+    memtrain.hf.engines)."""
     config = tmp_path / "fsdp1.yaml"
     fsdp1 = "fsdp_version: 1\n  fsdp_sync_module_states: false"  # CPU: FSDP1 cannot sync module states there
-    config.write_text((REPO / "configs/accelerate/fsdp2.yaml").read_text().replace("fsdp_version: 2", fsdp1))
+    config.write_text((ACCELERATE / "fsdp2.yaml").read_text().replace("fsdp_version: 2", fsdp1))
     proc = accelerate_launch(str(config), "--output_dir", str(tmp_path / "out"), "--optim", "swan", *QUICK,
                              "--per_device_train_batch_size", "4")
     assert proc.returncode != 0

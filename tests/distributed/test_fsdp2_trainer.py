@@ -1,4 +1,4 @@
-"""HF Trainer + ``configs/accelerate/fsdp2.yaml`` on 2 CPU ranks, every optimizer registered as FSDP2-exact.
+"""HF Trainer + the ``fsdp2`` engine config on 2 CPU ranks, every optimizer registered as FSDP2-exact.
 
 FSDP2 really shards (the report's engine, per-rank state), each optimizer's Trainer run equals 1 process on the
 same global batch, and resuming from the distributed (DCP) checkpoint ends exactly where the uninterrupted run
@@ -36,7 +36,7 @@ def fsdp2(tmp_path_factory):
 @pytest.mark.parametrize("name", FSDP2)
 def test_fsdp2_trainer_equals_one_process_and_resumes_exactly(fsdp2, single, name):
     first, resumed, reference = fsdp2[name]["first"], fsdp2[name]["resumed"], single[name]["first"]
-    assert first["engine"] == "FSDP" and first["world_size"] == 2  # not silently DDP (accelerate_cpu.py)
+    assert first["engine"] == "FSDP" and first["world_size"] == 2  # not silently DDP (memtrain/hf/engines.py)
     assert (fsdp2["_workdir"] / name / "first" / "checkpoint-2" / "optimizer_0").is_dir()  # distributed checkpoint
     assert first["eval_tokens"] == reference["eval_tokens"]  # token-weighted eval covers the set once across ranks
     assert first["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-5)

@@ -1,11 +1,11 @@
 """Several Trainer runs in one ``accelerate launch``: start-up, imports and the corpus are paid once.
 
 For each optimizer, a run of ``--max_steps`` that saves a checkpoint half way ("first"; with ``--no_resume`` no
-checkpoint), then a run resumed from that checkpoint ("resumed"), both through ``memtrain.pretrain.run`` exactly
-as ``scripts/pretrain.py`` does, under whatever engine the accelerate config chose. Rank 0 writes
+checkpoint), then a run resumed from that checkpoint ("resumed"), both through ``memtrain.recipes.pretrain.run`` exactly
+as ``memtrain pretrain`` does, under whatever engine the accelerate config chose. Rank 0 writes
 ``{name: {"first": report, "resumed": report}}``.
 
-    accelerate launch --config_file configs/accelerate/fsdp2.yaml tests/distributed/trainer_resume_worker.py \\
+    accelerate launch --config_file memtrain/configs/accelerate/fsdp2.yaml tests/distributed/trainer_resume_worker.py \\
         --out results.json --optims swan,scale --workdir runs -- <pretrain flags shared by every run>
 """
 import argparse
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from memtrain.cli import parse_args
-from memtrain.distributed import end_process_group
+from memtrain.recipes.arguments import parse_args
+from memtrain.hf.engines import enable_cpu_engines, end_process_group
 from memtrain.hf import TrainingArguments
-from memtrain.pretrain import PRETRAIN_DEFAULTS, ModelDataArguments, run
+from memtrain.recipes.pretrain import PRETRAIN_DEFAULTS, ModelDataArguments, run
 from tests.distributed.parity_worker import OPTIONS
 
 #: parity_worker's options as optim_args: the same low rank with a projector refresh after the resume point
@@ -35,6 +35,7 @@ def pretrain(argv: list[str]) -> dict:
 
 
 def main():
+    enable_cpu_engines()  # as memtrain's own entry points do
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--optims", required=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from memtrain.benchmark import Entry, first_error, summarize
-from memtrain.benchmark_engines import _cell
+from memtrain.bench.optimizers import Entry, first_error, summarize
+from memtrain.bench.engines import _cell
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK = ["--max_steps", "4", "--max_train_samples", "64", "--max_eval_samples", "8", "--logging_steps", "2",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from memtrain.finetune import load_finetuned
+from memtrain.recipes.finetune import load_finetuned
 
 from .finetune_text import TEXT
 

@@ -96,7 +96,7 @@ def test_engine_refusals(tmp_path, monkeypatch):
                   fsdp_config={"version": 1})
     make_args(tmp_path, optim="adamw", layerwise=True, max_grad_norm=0.0, fsdp="full_shard")  # version 2, HF's default
     args = make_args(tmp_path, optim="adamw", layerwise=True, max_grad_norm=0.0)
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch --config_file configs/accelerate/fsdp2.yaml
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch with the fsdp2 engine config
     monkeypatch.setenv("FSDP_VERSION", "2")
     args._check_layerwise()
     monkeypatch.setenv("FSDP_VERSION", "1")

@@ -5,7 +5,7 @@ import torch
 from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, default_data_collator
 
 import memtrain
-from memtrain.data import build_lm_data
+from memtrain.recipes.data import build_lm_data
 
 STEPS = 15
 # lr of the owned matrices, and adam_lr of the rest (SCALE: of the norm gains; its embedding/head use lr)

@@ -9,7 +9,7 @@ import transformers
 from transformers.optimization import Adafactor as HFAdafactor
 
 import memtrain
-from memtrain.metrics import optimizer_state_bytes
+from memtrain.hf.metrics import optimizer_state_bytes
 
 from ..conftest import lm_batch, tiny_llama
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import memtrain
-from memtrain.metrics import optimizer_state_bytes
+from memtrain.hf.metrics import optimizer_state_bytes
 from memtrain.optim.quant4 import (BlockCodec, Rank1Codec, linear_table, pack, quantize, rounding_thresholds,
                                   signed_de_table, unpack)
 
@@ -291,7 +291,7 @@ def test_tracks_fp32_adamw_on_tiny_llama_over_200_steps():
     the test) stays small."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from memtrain.data import build_lm_data
+    from memtrain.recipes.data import build_lm_data
 
     data = build_lm_data("shakespeare", seq_len=32, max_train_samples=1600)
     ids = torch.tensor(data.train["input_ids"]).clamp(max=511)

@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from memtrain.metrics import optimizer_state_bytes, storage_bytes
+from memtrain.hf.metrics import optimizer_state_bytes, storage_bytes
 from memtrain.optim import adam4bit
 from memtrain.optim.adam4bit import Adam4bit
 

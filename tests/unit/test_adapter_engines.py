@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from memtrain.finetune import check_engine
+from memtrain.recipes.finetune import check_engine
 
 
 def trainer(engine):

@@ -1,4 +1,4 @@
-"""Tests for memtrain.data: corpus, split, tokenizer, packed LM blocks, caching.
+"""Tests for memtrain.recipes.data: corpus, split, tokenizer, packed LM blocks, caching.
 
 The embedded corpus is downloaded once per machine into the real default cache
 (module fixture); every test that checks caching behaviour uses tmp_path instead.
@@ -21,7 +21,7 @@ import textwrap
 import datasets
 import pytest
 
-from memtrain import data as D
+from memtrain.recipes import data as D
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +354,7 @@ def test_concurrent_first_use_trains_once(tmp_path):
         """
         import logging, sys
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-        from memtrain import data as D
+        from memtrain.recipes import data as D
         texts = [("the quick brown fox jumps over the lazy dog %d. " % i) * 40 for i in range(50)]
         tok = D.get_tokenizer(None, texts, vocab_size=320, cache_dir=sys.argv[1])
         print("VOCAB", len(tok), D.tokenizer_fingerprint(tok))

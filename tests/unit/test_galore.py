@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import memtrain
-from memtrain.metrics import optimizer_state_bytes
+from memtrain.hf.metrics import optimizer_state_bytes
 from memtrain.optim import transforms
 from memtrain.optim.galore import Fira, GaLore
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from memtrain.distributed import unsharded
+from memtrain.optim.sharding import unsharded
 from memtrain.optim import transforms
 from memtrain.optim.galore import Fira, GaLore
 

@@ -10,7 +10,7 @@ from memtrain import adapters
 from memtrain.adapters.gradnormlorp import (GradNormLoRPLinear, check_gradnormlorp_model,
                                             create_gradnormlorp_optimizer, gradnormlorp_config,
                                             gradnormlorp_state_bytes, init_magnitudes)
-from memtrain.metrics import optimizer_state_bytes
+from memtrain.hf.metrics import optimizer_state_bytes
 
 from ..conftest import lm_batch, tiny_llama
 from .adapter_helpers import assert_merge_matches, assert_resume_exact, peft_tiny, train_steps

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import memtrain
-from memtrain import metrics
+from memtrain.hf import metrics
 
 from ..conftest import lm_batch, tiny_llama
 

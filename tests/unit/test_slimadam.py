@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import memtrain
-from memtrain.metrics import optimizer_state_bytes
+from memtrain.hf.metrics import optimizer_state_bytes
 from memtrain.optim.slimadam import choose_rule, rules_from_measurements
 from memtrain.optim.transforms import second_moment_snr
 
@@ -228,7 +228,7 @@ def test_rules_tool_writes_a_file_slimadam_accepts(tmp_path):
     assert all(v in ([0], [1], None) for v in rules.values())
     assert rules["model.norm.weight"] is None
     assert sum(v is not None for v in rules.values()) >= 3  # high-SNR axes exist in practice
-    from memtrain.models import build_model
+    from memtrain.recipes.models import build_model
 
     model = build_model(str(config), vocab_size=4096)
     opt = memtrain.build_optimizer(model, "slimadam", lr=1e-3, rules_file=str(out))

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from memtrain.distributed import unsharded
+from memtrain.optim.sharding import unsharded
 from memtrain.optim import transforms
 from memtrain.optim.swan import swan_direction
 

@@ -1,6 +1,6 @@
 """FSDP2 row sharding simulated in one process: one thread per rank, collectives through a shared hub.
 
-:class:`ThreadRows` is a :class:`memtrain.distributed.Rows` whose collectives exchange tensors between threads
+:class:`ThreadRows` is a :class:`memtrain.optim.sharding.Rows` whose collectives exchange tensors between threads
 instead of calling ``torch.distributed``. Each thread plays one rank: it holds its rows of every parameter (the
 ``torch.chunk`` split FSDP2 uses, so a rank may hold 0 rows) and calls the optimizer's ``update()`` with its own
 :class:`ThreadRows`. A method that enters different collectives on different ranks, or a different number of them,
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from memtrain.distributed import Rows
+from memtrain.optim.sharding import Rows
 
 TIMEOUT_S = 30
 

@@ -1,11 +1,10 @@
-"""The fine-tuning job behind ``scripts/finetune.py``: a local causal LM (e.g. saved by ``scripts/pretrain.py``)
+"""The fine-tuning job, ``memtrain finetune`` (and ``scripts/finetune.py``): a local causal LM (e.g. saved by ``memtrain pretrain``)
 fine-tuned on a local text dataset with a PEFT LoRA adapter (``lora``, ``gradnormlorp``, ``lorapro``,
 ``allora``) or fully (``full``), with any registered memtrain optimizer for the trainable parameters. It ends
 with pretrain's run report plus the adapter's numbers, saves the adapter in PEFT's format, and with ``--merge``
 also a plain merged model that loads with ``from_pretrained``.
 
-``benchmark()`` runs several entries through this job (one process each, so peak memory is per run) and
-writes a markdown table.
+``--benchmark`` runs several entries through this job (``memtrain.bench.finetune``).
 """
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ import functools
 import json
 import logging
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +20,15 @@ import torch
 import transformers
 from transformers import default_data_collator
 
-from . import adapters
+from .. import adapters
+from ..hf.engines import enable_cpu_engines, end_process_group
+from ..optim import format_optimizers
 from . import data as data_lib
-from .hf import Trainer, TrainingArguments, _optim_name, optimizer_kwargs_from_args
+from .arguments import parse_args
+from ..hf import Trainer, TrainingArguments, optimizer_kwargs_from_args
+from ..hf.factory import _optim_name
 from .models import build_model
-from .optim import registry
+from ..optim import registry
 from .pretrain import DTYPES
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ RUN_CONFIG = "memtrain_adapter.json"  # adapter name and method options (LoraCon
 @dataclass
 class FinetuneArguments:
     model_name_or_path: str | None = field(default=None, metadata={
-        "help": "Directory of a local causal LM saved with save_pretrained (e.g. by scripts/pretrain.py)."})
+        "help": "Directory of a local causal LM saved with save_pretrained (e.g. by memtrain pretrain)."})
     adapter: str = field(default="lora", metadata={
         "help": "lora, gradnormlorp, lorapro, allora, or full (no adapter: full fine-tuning).",
         "choices": list(ADAPTER_CHOICES)})
@@ -158,7 +160,7 @@ def check_engine(trainer, adapter: str, options: dict) -> None:
 
 def run(fargs: FinetuneArguments, args: TrainingArguments) -> dict:
     if not fargs.model_name_or_path:
-        raise ValueError("--model_name_or_path is required: a directory saved by scripts/pretrain.py or "
+        raise ValueError("--model_name_or_path is required: a directory saved by memtrain pretrain or "
                          "save_pretrained")
     if fargs.adapter not in ADAPTER_CHOICES:
         raise ValueError(f"--adapter must be one of {', '.join(ADAPTER_CHOICES)}, got {fargs.adapter!r}")
@@ -218,83 +220,19 @@ def load_finetuned(model_dir: str, adapter_dir: str, dtype=torch.float32):
     return adapters.load(model, adapter_dir, run_config["adapter"], **run_config["options"])
 
 
-# -- benchmark mode -----------------------------------------------------------------------------------------
-def _parse_entry(entry: str) -> tuple[str, str | None, str | None]:
-    spec, _, lr = entry.partition("@")
-    adapter, _, adapter_args = spec.partition(":")
-    if adapter not in ADAPTER_CHOICES:
-        raise ValueError(f"benchmark entry {entry!r}: adapter must be one of {', '.join(ADAPTER_CHOICES)}")
-    return adapter, adapter_args or None, lr or None
+def main(argv=None) -> dict | list | None:
+    """``memtrain finetune`` (and ``scripts/finetune.py``); with ``--benchmark`` entries, the fine-tuning benchmark."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--list_optimizers" in argv:
+        print(format_optimizers())
+        return None
+    enable_cpu_engines()  # CPU: make accelerate's FSDP/DeepSpeed configs real (memtrain/hf/engines.py)
+    fargs, args = parse_args((FinetuneArguments, TrainingArguments), FINETUNE_DEFAULTS, argv)
+    if fargs.benchmark:
+        from ..bench.finetune import benchmark
 
-
-def _drop_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
-    out, skip = [], False
-    for i, a in enumerate(argv):
-        if skip:
-            if a.startswith("--"):
-                skip = False
-            else:
-                continue
-        if a.split("=")[0] in names:
-            skip = "=" not in a
-            continue
-        out.append(a)
-    return out
-
-
-def benchmark(fargs: FinetuneArguments, args: TrainingArguments, argv: list[str]) -> list[dict]:
-    """Each entry through ``scripts/finetune.py`` in its own process (so peak RSS is per run), same flags, data,
-    seed and steps; then a markdown table in ``fargs.benchmark_out``."""
-    common = _drop_flags(list(argv), ("--benchmark", "--benchmark_out", "--output_dir", "--adapter", "--adapter_args",
-                                      "--learning_rate", "--merge"))
-    script = Path(__file__).resolve().parents[1] / "scripts" / "finetune.py"
-    rows = []
-    for entry in fargs.benchmark:
-        adapter, adapter_args, lr = _parse_entry(entry)
-        out_dir = Path(args.output_dir) / entry.replace(":", "_").replace(",", "_").replace("=", "-")
-        cmd = [sys.executable, str(script), *common, "--adapter", adapter, "--output_dir", str(out_dir)]
-        if adapter_args:
-            cmd += ["--adapter_args", adapter_args]
-        cmd += ["--learning_rate", lr or str(args.learning_rate)]
-        print("benchmark:", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(script.parents[1])})
-        rows.append({"entry": entry, **json.loads((out_dir / "report.json").read_text())})
-    Path(fargs.benchmark_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(fargs.benchmark_out).write_text(format_table(rows, fargs, args))
-    print(f"benchmark table written to {fargs.benchmark_out}", flush=True)
-    return rows
-
-
-def format_table(rows: list[dict], fargs: FinetuneArguments, args: TrainingArguments) -> str:
-    def mib(x):
-        return f"{x / 2**20:,.2f}" if isinstance(x, (int, float)) else "n/a"
-
-    lines = [
-        "| entry | lr | eval ppl before → after | trainable params | optimizer state (MiB) | state B/trainable param "
-        "| adapter file (KiB) | peak memory (MiB) | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        adapter_kib = f"{r['adapter_bytes'] / 1024:,.1f}" if r.get("adapter_bytes") else "—"
-        lines.append(
-            f"| {r['entry']} | {r['learning_rate']:g} | {r['eval_perplexity_before']:.2f} → {r['eval_perplexity']:.2f} "
-            f"| {r['trainable_parameters']:,} | {mib(r['optimizer_state_bytes'])} "
-            f"| {r['optimizer_state_bytes_per_trainable_parameter']:.2f} | {adapter_kib} "
-            f"| {mib(r['peak_memory_bytes'])} | {r['tokens_per_second']:,.0f} |")
-    first = rows[0] if rows else {}
-    return "\n".join([
-        "# Fine-tuning benchmark",
-        "",
-        f"Base model `{fargs.model_name_or_path}`, data `{fargs.dataset}` (seq_len {fargs.seq_len}), "
-        f"{args.max_steps} steps × {args.per_device_train_batch_size} sequences, equal for every entry; `--optim "
-        f"{_optim_name(args.optim)}` (plain LoRA and full fine-tuning: on every trainable tensor; the three methods: "
-        f"their own Adam on the adapter tensors), seed {args.seed}, device {first.get('device')}. "
-        f"LoRA r = {fargs.lora_r}, alpha = {fargs.lora_alpha or 2 * fargs.lora_r} (ALLoRA: alpha = r), targets {fargs.target_modules}. "
-        "Eval perplexity is token-weighted over the held-out split. Peak memory is "
-        f"{first.get('peak_memory_kind')} of each run's own process.",
-        "",
-        *lines,
-        "",
-        f"Generated by `python scripts/finetune.py --benchmark {' '.join(r['entry'] for r in rows)} ...`.",
-        "",
-    ])
+        result = benchmark(fargs, args, argv)
+    else:
+        result = run(fargs, args)
+    end_process_group()  # on success only: after an error on one rank, a barrier would wait for the others
+    return result

@@ -1,6 +1,6 @@
 """LLaMA-style models built from named configs (no weights are ever downloaded).
 
-Named configs live in the checkout's ``configs/models/<name>.json``: ``llama-tiny`` (the CPU default), ``llama-20m`` and the standard benchmark sizes
+Named configs ship with the package in ``memtrain/configs/models/<name>.json``: ``llama-tiny`` (the CPU default), ``llama-20m`` and the standard benchmark sizes
 ``llama-60m`` … ``llama-7b`` of the GaLore protocol (specs/benchmark.md §1): RMSNorm, SwiGLU, rotary
 embeddings, untied head, no biases. ``--model`` also accepts a local directory written by ``save_pretrained``
 (its weights are loaded) or a path to a config ``.json`` (randomly initialised).
@@ -13,12 +13,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 
+from .. import configs
+
 DEFAULT_MODEL = "llama-tiny"
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
-
-
-def model_names() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+CONFIG_DIR = configs.MODELS
+model_names = configs.model_names
 
 
 def get_model_config(model: str = DEFAULT_MODEL, **overrides) -> PretrainedConfig:

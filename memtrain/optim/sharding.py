@@ -191,12 +191,3 @@ def unsharded(t: Tensor, position: int = 0) -> Rows:
 
 def comm_bytes() -> int:
     return sum(COMM.values())
-
-
-def end_process_group() -> None:
-    """End a script's process group, if it started one: wait for every rank, then destroy it. Without the barrier a
-    rank that finishes first tears its gloo/NCCL connections down while a peer still uses them, and without the
-    destroy the process exits with live communicator threads; both can abort a finished run."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()

@@ -1,7 +1,9 @@
-"""A small shim that makes accelerate's FSDP and DeepSpeed configs do what they say on CPU (gloo).
+"""The training engines (DDP, FSDP1/FSDP2, DeepSpeed ZeRO) as accelerate configures them: which one a run uses,
+the refusal of engines an optimizer would silently get wrong, the end of a process group, and a CPU shim.
 
-Not needed on GPUs, where it does nothing. Measured with accelerate 1.15 / DeepSpeed 0.19.8 on CPU
-(../shared/notes/distributed_cpu.md):
+The CPU shim (:func:`enable_cpu_engines`) makes accelerate's FSDP and DeepSpeed configs do what they say on CPU
+(gloo). It is not needed on GPUs, where it does nothing. Measured with accelerate 1.15 / DeepSpeed 0.19.8 on CPU
+(docs/distributed.md, "Engines on CPU"):
 
 * An FSDP config silently runs as plain DDP and exits 0: ``AcceleratorState`` upgrades a run to FSDP only
   for GPU-like distributed types, never for ``MULTI_CPU``. We upgrade ``MULTI_CPU`` + an FSDP plugin to FSDP,
@@ -11,7 +13,10 @@ Not needed on GPUs, where it does nothing. Measured with accelerate 1.15 / DeepS
 * DeepSpeed JIT-compiles a shared-memory communication op with g++ on its first CPU start (20–110 s); gloo
   does not need it, so the build is skipped.
 
-memtrain's ``TrainingArguments`` applies the shim itself for CPU runs; ``enable()`` is idempotent.
+It patches accelerate and torch classes process-wide, so it is never a side effect of importing memtrain or
+building arguments: memtrain's own entry points (``memtrain pretrain|finetune``, ``scripts/*.py``) and the test
+launchers call it explicitly before building ``TrainingArguments``. Your own script running FSDP/ZeRO on CPU calls
+``memtrain.hf.engines.enable_cpu_engines()`` first. It is idempotent.
 """
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ import importlib
 import os
 
 import torch
+import torch.distributed as dist
+
+from ..optim.registry import get_spec
 
 _patched: set[str] = set()
 
@@ -80,7 +88,7 @@ def _patch_deepspeed() -> None:
     comm_torch.build_shm_op = lambda: None
 
 
-def enable(args=None) -> None:
+def enable_cpu_engines(args=None) -> None:
     """Apply the CPU fixes for the engine ``args`` (or the accelerate environment) asks for."""
     if torch.cuda.is_available():
         return
@@ -90,3 +98,36 @@ def enable(args=None) -> None:
     if deepspeed_requested(args) and "deepspeed" not in _patched:
         _patch_deepspeed()
         _patched.add("deepspeed")
+
+
+def refuse_flattening_engine(trainer, name: str) -> None:
+    """DeepSpeed ZeRO and FSDP1 hand the optimizer flat 1-D partitions that mix rows (and parameters); a
+    method that needs the matrix shape would silently degrade there, so it is refused before training."""
+    spec = get_spec(name)
+    engine = None
+    if trainer.is_deepspeed_enabled and not spec.deepspeed:
+        engine = "DeepSpeed ZeRO"
+    elif trainer.is_fsdp_enabled:
+        plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+        if getattr(plugin, "fsdp_version", 1) == 1 and spec.needs_matrix_shape:
+            engine = "FSDP1"
+        elif not spec.fsdp2:
+            raise ValueError(
+                f"optimizer {name!r} is not verified exact on FSDP2-sharded weights yet; use DDP "
+                "(configs/accelerate/ddp.yaml) or an optimizer whose capabilities list fsdp2 (python -m memtrain.optim)."
+            )
+    if engine:
+        raise ValueError(
+            f"optimizer {name!r} needs each weight's matrix shape, but {engine} hands optimizers flat 1-D "
+            "partitions that cut across rows and parameters. Use FSDP2 (configs/accelerate/fsdp2.yaml) or DDP "
+            "(configs/accelerate/ddp.yaml), or an elementwise optimizer such as adamw."
+        )
+
+
+def end_process_group() -> None:
+    """End a script's process group, if it started one: wait for every rank, then destroy it. Without the barrier a
+    rank that finishes first tears its gloo/NCCL connections down while a peer still uses them, and without the
+    destroy the process exits with live communicator threads; both can abort a finished run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

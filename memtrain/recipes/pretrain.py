@@ -1,10 +1,11 @@
-"""The pretraining job behind ``scripts/pretrain.py``: a LLaMA-style model from a named config, trained from
+"""The pretraining job, ``memtrain pretrain`` (and ``scripts/pretrain.py``): a LLaMA-style model from a named config, trained from
 scratch on a text corpus (the embedded Shakespeare corpus by default) with any registered optimizer, ending
 with the run report (optimizer-state bytes, peak memory, tokens/s, token-weighted eval perplexity).
 """
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -12,8 +13,11 @@ import transformers
 from transformers import default_data_collator
 from transformers.integrations import is_tensorboard_available
 
+from ..hf.engines import enable_cpu_engines, end_process_group
+from ..optim import format_optimizers
 from . import data as data_lib
-from .hf import Trainer, TrainingArguments
+from .arguments import parse_args
+from ..hf import Trainer, TrainingArguments
 from .models import DEFAULT_MODEL, build_model, get_model_config
 
 logger = logging.getLogger(__name__)
@@ -42,7 +46,7 @@ class ModelDataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training blocks."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval blocks."})
     save_final_model: bool = field(default=True, metadata={
-        "help": "Save the trained model and its tokenizer to output_dir (for scripts/finetune.py)."})
+        "help": "Save the trained model and its tokenizer to output_dir (for memtrain finetune)."})
     list_optimizers: bool = field(default=False, metadata={"help": "Print the registered optimizers and exit."})
 
 
@@ -91,3 +95,16 @@ def run(margs: ModelDataArguments, args: TrainingArguments) -> dict:
     if margs.save_final_model:
         trainer.save_model(args.output_dir)
     return trainer.report_callback.last_report
+
+
+def main(argv=None) -> dict | None:
+    """``memtrain pretrain`` (and ``scripts/pretrain.py``): parse flags and config file, train, report."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--list_optimizers" in argv:
+        print(format_optimizers())
+        return None
+    enable_cpu_engines()  # CPU: make accelerate's FSDP/DeepSpeed configs real (memtrain/hf/engines.py)
+    margs, args = parse_args((ModelDataArguments, TrainingArguments), PRETRAIN_DEFAULTS, argv)
+    report = run(margs, args)
+    end_process_group()  # on success only: after an error on one rank, a barrier would wait for the others
+    return report

@@ -1,6 +1,6 @@
-"""Side-by-side optimizer benchmark behind ``scripts/benchmark.py``.
+"""Side-by-side optimizer benchmark behind ``memtrain bench`` (and ``scripts/benchmark.py``).
 
-Every entry runs ``scripts/pretrain.py`` in its own process (so peak memory is per run) with the same model,
+Every entry runs ``memtrain pretrain`` in its own process (so peak memory is per run) with the same model,
 data, seeds, schedule and token budget; the reports are then tabulated against ``adamw`` measured in the same
 invocation. Entries read ``name[:optim_args][@lr]``, e.g. ``"galore:rank=32,update_proj_gap=50@0.01"``.
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-PRETRAIN = REPO / "scripts" / "pretrain.py"
+from .. import configs
+
 BASELINE = "adamw"
 
 
@@ -50,15 +50,11 @@ class Entry:
 
 
 def launcher(engine: str | None) -> list[str]:
-    """How a run starts: a plain process, or ``accelerate launch`` with ``configs/accelerate/<engine>.yaml``."""
+    """How a run starts: a plain process, or ``accelerate launch`` with the engine's accelerate config (``memtrain/configs/accelerate/<engine>.yaml``)."""
     if engine is None:
-        return [sys.executable]
-    config = REPO / "configs" / "accelerate" / f"{engine}.yaml"
-    if not config.is_file():
-        raise ValueError(f"no accelerate config {config}; engines: "
-                         f"{', '.join(sorted(p.stem for p in config.parent.glob('*.yaml')))}")
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-            "--main_process_port", "0"]
+        return [sys.executable, "-m", "memtrain", "pretrain"]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(configs.accelerate_config(engine)),
+            "--main_process_port", "0", "-m", "memtrain", "pretrain"]
 
 
 def first_error(stderr: str) -> str | None:
@@ -69,9 +65,9 @@ def first_error(stderr: str) -> str | None:
 
 
 def pretrain(entry: Entry, out: Path, flags: list[str], engine: str | None = None) -> dict:
-    """One ``scripts/pretrain.py`` run of ``entry`` writing into ``out``: its report (plus ``wall_s``), or
+    """One ``memtrain pretrain`` run of ``entry`` writing into ``out``: its report (plus ``wall_s``), or
     ``{"error": last line of stderr}`` if the run failed (a refusal, say)."""
-    cmd = [*launcher(engine), str(PRETRAIN), "--optim", entry.optim, "--output_dir", str(out),
+    cmd = [*launcher(engine), "--optim", entry.optim, "--output_dir", str(out),
            "--save_final_model", "false", "--report_to", "none", "--disable_tqdm", "true", *flags]
     if entry.optim_args:
         cmd += ["--optim_args", entry.optim_args]
@@ -80,7 +76,7 @@ def pretrain(entry: Entry, out: Path, flags: list[str], engine: str | None = Non
     print(f"[benchmark] {entry.label} on {engine or 'one process'}: {' '.join(flags)}", flush=True)
     start = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if engine not in (None, "single") else None  # 1 thread per rank
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": first_error(proc.stderr) or f"exit code {proc.returncode}: {proc.stderr[-500:]}"}
     report = json.loads((out / "report.json").read_text())
@@ -192,8 +188,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--eval_steps", type=int, default=None, help="default: max_steps // 6")
     parser.add_argument("--model", default="llama-tiny")
     parser.add_argument("--name", default="benchmark", help="output file stem under --out_dir")
-    parser.add_argument("--out_dir", default=str(REPO / "docs" / "benchmarks"))
-    parser.add_argument("--work_dir", default=str(REPO / "out" / "bench"))
+    parser.add_argument("--out_dir", default="docs/benchmarks")
+    parser.add_argument("--work_dir", default="out/bench")
     parser.add_argument("--engine", default=None, help="run under accelerate launch with configs/accelerate/<engine>.yaml")
     args, extra = parser.parse_known_args(argv)
     args.eval_steps = args.eval_steps or max(1, args.max_steps // 6)
@@ -204,7 +200,7 @@ def main(argv=None) -> list[dict]:
     rows = summarize(results)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = "python scripts/benchmark.py " + " ".join(
+    command = "memtrain bench " + " ".join(
         f'"{a}"' if any(c in a for c in " :@,") else a for a in (argv if argv is not None else sys.argv[1:])
     )
     (out_dir / f"{args.name}.md").write_text(markdown(rows, args, results, command))

@@ -1,6 +1,6 @@
-"""The optimizer × engine table behind ``scripts/benchmark_engines.py`` (docs/distributed.md).
+"""The optimizer × engine table behind ``memtrain bench engines`` (docs/distributed.md).
 
-Every optimizer runs ``scripts/pretrain.py`` under each accelerate config (2 ranks) and once in one process on the
+Every optimizer runs ``memtrain pretrain`` under each accelerate config (2 ranks) and once in one process on the
 same global batch. Per cell: whether the engine refused it (the error it raised), the relative eval-loss
 difference to the one-process run, this rank's optimizer-state bytes, the bytes memtrain's own collectives moved
 per step (``distributed.COMM``: not FSDP's or DDP's traffic), and tokens/s against ``adamw`` on the same engine.
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .benchmark import REPO, Entry, pretrain
-from .models import build_model
-from .optim.registry import optimizer_names
+from .optimizers import Entry, pretrain
+from ..recipes.models import build_model
+from ..optim.registry import optimizer_names
 
 ENGINES = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
 WORLD = 2  # num_processes in configs/accelerate/*.yaml
@@ -77,8 +77,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_steps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=8, help="sequences per rank and step")
     parser.add_argument("--name", default="engines")
-    parser.add_argument("--out_dir", default=str(REPO / "docs" / "benchmarks"))
-    parser.add_argument("--work_dir", default=str(REPO / "out" / "bench_engines"))
+    parser.add_argument("--out_dir", default="docs/benchmarks")
+    parser.add_argument("--work_dir", default="out/bench_engines")
     args = parser.parse_args(argv)
     entries = [Entry.parse(e) for e in (args.optims or optimizer_names())]
     work = Path(args.work_dir)
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
                        for engine in args.engines} for e in entries}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = "python scripts/benchmark_engines.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "memtrain bench engines " + " ".join(argv if argv is not None else sys.argv[1:])
     (out_dir / f"{args.name}.md").write_text(markdown(table, args, command.strip()))
     (out_dir / f"{args.name}.json").write_text(json.dumps({"table": table, "reference": reference, "runs": runs},
                                                           indent=1, default=str))

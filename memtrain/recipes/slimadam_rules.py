@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 import memtrain
-from memtrain.data import build_lm_data
-from memtrain.models import build_model
+from memtrain.recipes.data import build_lm_data
+from memtrain.recipes.models import build_model
 from memtrain.optim.slimadam import measure_snr, rules_from_measurements
 
 logger = logging.getLogger("slimadam_rules")

@@ -1,8 +1,8 @@
 """Measure what layer-wise gradient release saves: peak live gradient bytes (counted exactly by hooks) and
 peak process memory (CUDA max allocated on GPU; peak RSS on CPU, coarse), with and without release.
 
-    python scripts/measure_layerwise.py --model llama-20m --optims adamw galore:rank=64 --steps 4
-    python scripts/measure_layerwise.py --fsdp2 2 --model llama-20m --optims adamw   # FSDP2 on 2 ranks (torchrun)
+    memtrain bench layerwise --model llama-20m --optims adamw galore:rank=64 --steps 4
+    memtrain bench layerwise --fsdp2 2 --model llama-20m --optims adamw   # FSDP2 on 2 ranks (torchrun)
 
 Each configuration runs in a fresh process (group), so peak RSS is not inherited from an earlier run. Prints a
 markdown table (and writes it with --out). Gradient bytes are those of the distinct storages behind the live
@@ -25,9 +25,9 @@ def measure(model_name: str, optim: str, layerwise: bool, steps: int, batch: int
     import torch
 
     import memtrain
-    from memtrain.distributed import local
-    from memtrain.metrics import optimizer_state_bytes, storage_bytes
-    from memtrain.models import build_model
+    from memtrain.optim.sharding import local
+    from memtrain.hf.metrics import optimizer_state_bytes, storage_bytes
+    from memtrain.recipes.models import build_model
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -93,7 +93,7 @@ def measure(model_name: str, optim: str, layerwise: bool, steps: int, batch: int
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-tiny")
     parser.add_argument("--optims", nargs="+", default=["adamw", "galore"],
@@ -105,7 +105,7 @@ def main() -> None:
                         help="shard with FSDP2 over this many ranks (torchrun; gloo on CPU, nccl on GPUs)")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
-    a = parser.parse_args()
+    a = parser.parse_args(argv)
     if a._one:  # child process: one configuration
         optim, layerwise = json.loads(a._one)
         result = measure(a.model, optim, layerwise, a.steps, a.batch, a.seq_len, fsdp2=bool(a.fsdp2))
@@ -114,10 +114,10 @@ def main() -> None:
         return
     rows = []
     launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.fsdp2)]
-                                 if a.fsdp2 else [])
+                                 if a.fsdp2 else []) + ["-m" if not a.fsdp2 else "--module", "memtrain.bench.layerwise"]
     for optim in a.optims:
         for layerwise in (False, True):
-            cmd = launch + [__file__, "--model", a.model, "--steps", str(a.steps), "--batch", str(a.batch),
+            cmd = launch + ["--model", a.model, "--steps", str(a.steps), "--batch", str(a.batch),
                             "--seq_len", str(a.seq_len), "--fsdp2", str(a.fsdp2), "--_one",
                             json.dumps([optim, layerwise])]
             rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

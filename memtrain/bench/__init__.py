@@ -1,0 +1,18 @@
+"""Benchmarks: each runs memtrain's jobs in subprocesses and tabulates their reports.
+
+``memtrain bench [...]`` is the optimizer comparison (:mod:`.optimizers`); ``memtrain bench engines`` the optimizer ×
+engine table (:mod:`.engines`); ``memtrain bench layerwise`` what layer-wise release saves (:mod:`.layerwise`). The
+fine-tuning benchmark is ``memtrain finetune --benchmark ...`` (:mod:`.finetune`).
+"""
+from __future__ import annotations
+
+import importlib
+
+SUBCOMMANDS = {"engines": "memtrain.bench.engines", "layerwise": "memtrain.bench.layerwise"}
+
+
+def main(argv=None):
+    argv = list(argv or [])
+    if argv and argv[0] in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+    return importlib.import_module("memtrain.bench.optimizers").main(argv)

@@ -1,0 +1,80 @@
+"""memtrain's ``TrainingArguments``: HF's, with every memtrain optimizer name and memtrain's own flags."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import transformers
+from transformers.training_args import OptimizerNames
+
+from ..optim import registry
+from ..optim.layerwise import GLOBAL_CLIP_MESSAGE
+from . import engines
+from .factory import HF_OPTIMIZERS, _optim_name, is_memtrain_optimizer
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """HF ``TrainingArguments`` whose ``optim`` also accepts every memtrain optimizer name.
+
+    HF names keep HF's meaning, except ``adafactor``, which is memtrain's own implementation (identical to
+    HF's Trainer ``adafactor`` at default options). ``optim_args="k=v,k=v"`` is parsed into the optimizer's
+    typed keyword options and validated here, so mistakes fail at argument-parsing time.
+    """
+
+    optim: str = field(
+        default="adamw_torch",
+        metadata={"help": "Optimizer: a memtrain name (see `python -m memtrain.optim`) or any HF OptimizerNames value."},
+    )
+    print_param_groups: bool = field(
+        default=False, metadata={"help": "Print the resolved parameter routing (role, method, lr, wd per group)."}
+    )
+    final_eval: bool = field(
+        default=True, metadata={"help": "After train(), evaluate token-weighted perplexity on the whole eval set."}
+    )
+    write_report: bool = field(
+        default=True, metadata={"help": "After train(), print the run report and write output_dir/report.json."}
+    )
+    layerwise: bool = field(default=False, metadata={
+        "help": "Layer-wise gradient release (memtrain optimizers): update each parameter inside backward and free "
+                "its gradient at once. Needs --max_grad_norm 0 (per-parameter clipping: optim_args "
+                "layerwise_clip=<norm>). Same as optim_args layerwise=true."})
+
+    def __post_init__(self):
+        name = _optim_name(self.optim)
+        if is_memtrain_optimizer(name):
+            options = registry.parse_optim_args(name, self.optim_args)  # fail now on a bad option
+            self.optim = OptimizerNames.ADAMW_TORCH.value  # HF validates its own enum; restore ours after
+            super().__post_init__()
+            self.optim = name
+            if self.layerwise or options.get("layerwise", False):
+                self._check_layerwise()  # after HF's __post_init__, which resolves the FSDP version
+        elif name in HF_OPTIMIZERS:
+            if self.layerwise:
+                raise ValueError(f"--layerwise needs a memtrain optimizer, not HF's {name!r}; memtrain optimizers: "
+                                 f"{', '.join(registry.optimizer_names())}")
+            super().__post_init__()
+        else:
+            raise ValueError(
+                f"unknown optimizer {name!r}. memtrain optimizers: {', '.join(registry.optimizer_names())}. "
+                f"Hugging Face optimizers: {', '.join(HF_OPTIMIZERS)}."
+            )
+
+    def _check_layerwise(self) -> None:
+        """Refuse what layer-wise release cannot do, before any training starts (galore.md §10.1)."""
+        if self.max_grad_norm and self.max_grad_norm > 0:
+            raise ValueError(f"{GLOBAL_CLIP_MESSAGE} (got max_grad_norm={self.max_grad_norm})")
+        if engines.deepspeed_requested(self):
+            raise ValueError("layer-wise release does not support DeepSpeed ZeRO: ZeRO reduces the gradients into "
+                             "its own flat buffers and hands the optimizer flat partitions, so no per-parameter hook "
+                             "sees a final gradient. Use FSDP2 (configs/accelerate/fsdp2.yaml), DDP or a single "
+                             "process, or turn layerwise off")
+        if engines.fsdp_version(self) == 1:
+            raise ValueError("layer-wise release does not support FSDP1: FSDP1 reduce-scatters one flat gradient that "
+                             "mixes parameters and stores it outside autograd, so no per-parameter hook sees a final "
+                             "gradient. Use FSDP2 (fsdp_version 2, configs/accelerate/fsdp2.yaml), DDP or a single "
+                             "process, or turn layerwise off")
+        ckpt_kwargs = self.gradient_checkpointing_kwargs
+        if self.gradient_checkpointing and isinstance(ckpt_kwargs, dict) and ckpt_kwargs.get("use_reentrant"):
+            raise ValueError("layer-wise release needs non-reentrant gradient checkpointing: with use_reentrant=True a "
+                             "parameter's hook can fire on a partial gradient. Set gradient_checkpointing_kwargs="
+                             "{'use_reentrant': False} (the default)")

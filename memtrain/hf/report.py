@@ -1,0 +1,163 @@
+"""The end-of-run report: exact optimizer-state bytes, weights and gradients, peak memory, tokens/s and
+token-weighted eval perplexity, as a ``TrainerCallback``."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from ..optim import registry, sharding
+from . import metrics
+from .factory import _is_main_process, _optim_name, is_memtrain_optimizer
+
+
+class ReportCallback(TrainerCallback):
+    """Collects what the run report needs: train time (without evaluation), tokens, memory, final losses.
+
+    memtrain's Trainer adds it and writes the report after its final evaluation. With HF's own Trainer add
+    ``ReportCallback(tokens_per_step=...)`` to ``callbacks``; it then writes the report at the end of training.
+    """
+
+    def __init__(self, tokens_per_step: int | None = None, write_on_train_end: bool = True):
+        self.tokens_per_step = tokens_per_step
+        self.write_on_train_end = write_on_train_end
+        self.local_tokens = 0  # counted by memtrain's Trainer; summed across ranks at the end
+        self.eval_metrics: dict[str, float] = {}
+        self.eval_history: list[dict[str, float]] = []  # (step, loss, perplexity) of every evaluation
+        self.eval_seconds = 0.0
+        self.train_seconds = 0.0
+        self.optimizer = None
+        self.model = None
+        self.train_loss: float | None = None
+        self.last_report: dict[str, Any] | None = None
+        self.extra: dict[str, Any] = {}  # set by memtrain's Trainer: the engine really used
+        self._start = None
+        self._start_step = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        metrics.reset_peak_memory(args.device)
+        sharding.COMM.clear()
+        self.eval_seconds = 0.0
+        self._start_step = state.global_step  # > 0 when resumed
+        self._start = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "train_loss" in logs:
+            self.train_loss = logs["train_loss"]
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics:
+            self.eval_metrics = dict(metrics)
+            self.eval_seconds += float(metrics.get("eval_runtime", 0.0))
+            if "eval_loss" in metrics:
+                self.eval_history.append({"step": state.global_step, "loss": metrics["eval_loss"],
+                                          "perplexity": metrics.get("eval_perplexity")})
+
+    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.train_seconds = time.perf_counter() - self._start - self.eval_seconds
+        self.model, self.optimizer = model, optimizer
+        if self.write_on_train_end:
+            self.write(args, state)
+
+    def train_tokens(self, args, state) -> int:
+        if self.local_tokens:
+            total = torch.tensor(self.local_tokens, dtype=torch.int64, device=args.device)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(total)
+            return int(total.item())
+        if self.tokens_per_step:
+            return self.tokens_per_step * state.global_step
+        return int(state.num_input_tokens_seen or 0)
+
+    def report(self, args, state) -> dict[str, Any]:
+        """The run report. Byte counts are this rank's (per device); ``*_per_rank`` lists every rank's."""
+        tokens = self.train_tokens(args, state)
+        model_mem = metrics.model_memory(self.model)
+        state_bytes = metrics.optimizer_state_bytes(self.optimizer) if self.optimizer is not None else 0
+        peak = metrics.peak_memory(args.device)
+        state_per_rank, peak_per_rank = _gather_ints([state_bytes, peak["peak_memory_bytes"]], args.device)
+        steps = state.global_step - self._start_step
+        optim = _optim_name(args.optim)
+        report = {
+            "optimizer": optim,
+            "optim_args": registry.parse_optim_args(optim, args.optim_args) if is_memtrain_optimizer(optim)
+            else args.optim_args,
+            "learning_rate": args.learning_rate,
+            "weight_decay": args.weight_decay,
+            **model_mem,
+            "optimizer_state_bytes": state_bytes,
+            "optimizer_state_bytes_per_trainable_parameter": state_bytes / max(1, model_mem["trainable_parameters"]),
+            "optimizer_state_bytes_per_rank": state_per_rank,
+            **peak,
+            "peak_memory_bytes_per_rank": peak_per_rank,
+            "global_steps": state.global_step,
+            # bytes this rank sent through memtrain's own collectives (sharded transforms; not FSDP's or DDP's)
+            "optimizer_comm_bytes_per_step": sharding.comm_bytes() / steps if steps else 0.0,
+            "train_tokens": tokens,
+            "train_runtime_s": round(self.train_seconds, 3),
+            "tokens_per_second": tokens / self.train_seconds if self.train_seconds > 0 else None,
+            "train_loss": self.train_loss,
+            "eval_loss": self.eval_metrics.get("eval_loss"),
+            "eval_perplexity": self.eval_metrics.get("eval_perplexity"),
+            "eval_tokens": self.eval_metrics.get("eval_tokens"),
+            "eval_history": self.eval_history,
+            "world_size": args.world_size,
+            "device": str(args.device),
+            **self.extra,
+        }
+        return report
+
+    def write(self, args, state) -> dict[str, Any]:
+        report = self.last_report = self.report(args, state)
+        if args.should_save or _is_main_process():
+            os.makedirs(args.output_dir, exist_ok=True)
+            path = os.path.join(args.output_dir, "report.json")
+            with open(path, "w") as f:
+                json.dump(report, f, indent=2, default=str)
+            print(format_report(report) + f"\nreport written to {path}", flush=True)
+        return report
+
+
+def _gather_ints(values: list[int], device) -> list[list[int]]:
+    """Each value as a list over ranks (one all-gather; just ``[[v] for v in values]`` without a process group)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [[int(v)] for v in values]
+    local = torch.tensor(values, dtype=torch.int64, device=device)
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return [[int(g[i]) for g in gathered] for i in range(len(values))]
+
+
+def format_report(report: dict[str, Any]) -> str:
+    def mib(x):
+        return f"{x / 2**20:,.2f} MiB" if isinstance(x, (int, float)) else "n/a"
+
+    def num(x, fmt):
+        return format(x, fmt) if isinstance(x, (int, float)) else "n/a"
+
+    lines = [
+        "memtrain report",
+        f"  optimizer            {report['optimizer']} {report['optim_args'] or ''}".rstrip(),
+        f"  parameters           {report['parameters']:,} ({report['trainable_parameters']:,} trainable)",
+        f"  optimizer state      {report['optimizer_state_bytes']:,} B = {mib(report['optimizer_state_bytes'])} "
+        f"({report['optimizer_state_bytes_per_trainable_parameter']:.3f} B/param)",
+        f"  weights / grads      {mib(report['weight_bytes'])} / {mib(report['gradient_bytes'])}",
+        f"  peak memory          {mib(report['peak_memory_bytes'])} ({report['peak_memory_kind']})",
+        f"  steps / tokens       {report['global_steps']} / {report['train_tokens']:,} in {report['train_runtime_s']} s "
+        f"= {num(report['tokens_per_second'], ',.0f')} tokens/s",
+        f"  train loss           {num(report['train_loss'], '.4f')}",
+    ]
+    if report.get("world_size", 1) > 1:
+        lines.append(f"  per rank             state {report['optimizer_state_bytes_per_rank']} B, "
+                     f"peak {[round(b / 2**20) for b in report['peak_memory_bytes_per_rank']]} MiB, "
+                     f"optimizer comm {report['optimizer_comm_bytes_per_step']:,.0f} B/step")
+    lines += [
+        f"  eval loss / ppl      {num(report['eval_loss'], '.4f')} / {num(report['eval_perplexity'], '.3f')} "
+        f"over {num(report['eval_tokens'], ',')} tokens (token-weighted)",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The jobs built on the library: pretraining and fine-tuning recipes, the models they build, and their data."""
