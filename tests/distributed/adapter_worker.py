@@ -15,7 +15,8 @@ from peft import LoraConfig
 from torch.nn.parallel import DistributedDataParallel
 
 from memtrain import adapters
-from memtrain.optim import sharding as distributed
+from memtrain.hf.engines import end_process_group
+from memtrain.optim import sharding
 from memtrain.hf.metrics import optimizer_state_bytes
 
 from tests.distributed.parity_worker import LR, full, fully_shard_units, tiny_llama, train
@@ -51,7 +52,7 @@ def run_case(case, engine, rank, world):
     else:
         wrapped = DistributedDataParallel(model)
     opt = adapters.create_optimizer(adapter, model, lr=LR, weight_decay=0.01, **options)
-    distributed.COMM.clear()
+    sharding.COMM.clear()
     train(wrapped, opt, rank, world)
     worst = 0.0
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
@@ -62,7 +63,7 @@ def run_case(case, engine, rank, world):
     states = [torch.zeros_like(state) for _ in range(world)]
     dist.all_gather(states, state)
     return {"max_rel_diff": worst, "state_bytes_per_rank": [int(s) for s in states],
-            "comm_bytes": dict(distributed.COMM)}
+            "comm_bytes": dict(sharding.COMM)}
 
 
 def main():
@@ -87,7 +88,7 @@ def main():
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
     finally:
-        distributed.end_process_group()
+        end_process_group()
 
 
 if __name__ == "__main__":

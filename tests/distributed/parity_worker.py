@@ -18,7 +18,8 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import memtrain
-from memtrain.optim import sharding as distributed
+from memtrain.hf.engines import end_process_group
+from memtrain.optim import sharding
 from memtrain.hf.metrics import optimizer_state_bytes, storage_bytes
 
 STEPS, LR, GLOBAL_BATCH, LENGTH, VOCAB = 4, 3e-3, 8, 16, 64
@@ -80,9 +81,9 @@ def run_case(name, engine, rank, world, options):
     else:
         wrapped = DistributedDataParallel(model)
     opt = memtrain.build_optimizer(model, name, lr=LR, weight_decay=0.01, **options)
-    distributed.COMM.clear()
+    sharding.COMM.clear()
     train(wrapped, opt, rank, world)
-    comm = dict(distributed.COMM)
+    comm = dict(sharding.COMM)
     worst = 0.0
     for a, b in zip(model.parameters(), reference.parameters()):
         a = full(a.detach())
@@ -121,7 +122,7 @@ def main():
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
     finally:
-        distributed.end_process_group()
+        end_process_group()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """slimadam: AdamW when uncompressed, the compressed step against a direct transcription, the axis convention,
 default rules by role and module kind, rules files, state bytes, and the SNR rules tool."""
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -25,7 +24,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class Toy(nn.Module):
@@ -216,13 +214,10 @@ def test_rules_tool_writes_a_file_slimadam_accepts(tmp_path):
                                   "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1,
                                   "max_position_embeddings": 64, "use_cache": False}))
     out = tmp_path / "rules.json"
-    cmd = ["python", "slimadam_rules.py", "--model", str(config), "--seq_len", "32",
-           "--batch_size", "4", "--max_steps", "12", "--measure_every", "4", "--skip_steps", "3",
-           "--output", str(out)]
-    spec = importlib.util.spec_from_file_location("slimadam_rules", ROOT / "scripts" / "slimadam_rules.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    tool.main(cmd[2:])
+    from memtrain.cli import main as memtrain_cli
+
+    memtrain_cli(["slimadam-rules", "--model", str(config), "--seq_len", "32", "--batch_size", "4", "--max_steps", "12",
+                  "--measure_every", "4", "--skip_steps", "3", "--output", str(out)])
     rules = json.loads(out.read_text())
     assert "model.layers.0.self_attn.q_proj.weight" in rules and "lm_head.weight" in rules
     assert all(v in ([0], [1], None) for v in rules.values())
