@@ -59,6 +59,10 @@ STATE_BYTES = {
         p is e.weight for e in (model.get_input_embeddings(), model.get_output_embeddings()))),
     "sinkgd": lambda model: 8 * sum(p.numel() for p in _trainable(model) if p.dim() < 2 or any(
         p is e.weight for e in (model.get_input_embeddings(), model.get_output_embeddings()))),
+    # muon: one fp32 momentum buffer per hidden matrix; fp32 AdamW moments on embedding, head and 1-D params.
+    "muon": lambda model: sum(8 * p.numel() if p.dim() < 2 or any(
+        p is e.weight for e in (model.get_input_embeddings(), model.get_output_embeddings())) else 4 * p.numel()
+        for p in _trainable(model)),
     # scale: fp32 momentum V×d on the head only; fp32 AdamW moments on 1-D params; nothing on matrices/embedding.
     "scale": lambda model: 4 * model.get_output_embeddings().weight.numel()
     + 8 * sum(p.numel() for p in _trainable(model) if p.dim() < 2),
