@@ -159,6 +159,10 @@ class GaLore(MemtrainOptimizer):
         state["refreshes"] += 1
         return True
 
+    def projection_rank(self, group: dict, m: int, n: int) -> int:
+        """The rank of an m×n matrix's projection: an SVD basis has at most min(m, n) vectors."""
+        return min(group["rank"], m, n)
+
     def init_state(self, G: Tensor, state: dict, group: dict, rows: Rows, name: str) -> None:
         """Every state entry of a projected parameter, zero, at its final shape, on the parameter's first step, even
         when that step cannot refresh (``refreshes`` stays 0 until one does). Distributed checkpointing builds its
@@ -168,7 +172,7 @@ class GaLore(MemtrainOptimizer):
         P ``[m_k, r]`` sharded, moments ``[r, n]`` replicated (R is all-reduced)."""
         m, n = rows.total, G.shape[1]
         side = T.projector_side(m, n, group["proj_type"])
-        rank = min(group["rank"], m, n)
+        rank = self.projection_rank(group, m, n)
         if rank < group["rank"]:
             logger.info("%s: rank %d clipped to %d for %s %s", self.name, group["rank"], rank, name, (m, n))
         state.update(step=0, side=side, refreshes=0)

@@ -20,7 +20,7 @@ from torch import nn
 from . import routing
 
 #: Modules under memtrain.optim that register built-in optimizers (imported on first registry use).
-BUILTIN_MODULES = ("adamw", "swan", "sinkgd", "scale", "galore", "adafactor", "adam4bit", "slimadam", "muon")
+BUILTIN_MODULES = ("adamw", "swan", "sinkgd", "scale", "galore", "adafactor", "adam4bit", "slimadam", "muon", "apollo")
 
 #: Arguments the training loop owns; they are not optim_args options.
 TRAINER_ARGS = ("lr", "weight_decay")

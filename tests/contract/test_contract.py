@@ -59,6 +59,13 @@ STATE_BYTES = {
         p is e.weight for e in (model.get_input_embeddings(), model.get_output_embeddings()))),
     "sinkgd": lambda model: 8 * sum(p.numel() for p in _trainable(model) if p.dim() < 2 or any(
         p is e.weight for e in (model.get_input_embeddings(), model.get_output_embeddings()))),
+    # apollo: fp32 P, moments (rank 128 never clipped: the random projection) and the 0-d limiter norm per matrix
+    "apollo": lambda model: sum(4 * (128 * min(r.param.shape) + 2 * 128 * max(r.param.shape)) + 4
+                                if r.role == "matrix" else 8 * r.param.numel()
+                                for r in memtrain.optim.route_parameters(model)),
+    "apollo_mini": lambda model: sum(4 * (min(r.param.shape) + 2 * max(r.param.shape)) + 4
+                                     if r.role == "matrix" else 8 * r.param.numel()
+                                     for r in memtrain.optim.route_parameters(model)),
     # muon: one fp32 momentum buffer per hidden matrix; fp32 AdamW moments on embedding, head and 1-D params.
     "muon": lambda model: sum(8 * p.numel() if p.dim() < 2 or any(
         p is e.weight for e in (model.get_input_embeddings(), model.get_output_embeddings())) else 4 * p.numel()

@@ -30,6 +30,8 @@ STEPS, LR, GLOBAL_BATCH, LENGTH, VOCAB = 4, 3e-3, 8, 16, 64
 OPTIONS = {
     "muon": {"ns_dtype": "float32"},
     "galore": {"rank": 8, "update_proj_gap": 2},
+    "apollo": {"rank": 8, "update_proj_gap": 2},
+    "apollo_mini": {"update_proj_gap": 2},
     "fira": {"rank": 8, "update_proj_gap": 2},
     "adam4bit": {"threshold": 1024},
 }
