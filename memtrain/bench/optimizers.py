@@ -592,10 +592,13 @@ def main(argv=None) -> list[dict]:
                                                "work_dir", "engine", "jobs")}
     if args.preset and args.optims:
         parser.error("give --preset or --optims, not both")
+    if not (args.preset or args.optims):
+        parser.error("give --preset FILE (the tuned comparison: configs/bench/pretrain-cpu.yaml in the repository) "
+                     "or --optims ENTRY [ENTRY ...] (fixed points, e.g. --optims adamw \"swan@1e-3\")")
     if args.preset:
         preset = load_preset(args.preset, overrides)
     else:
-        preset = build_preset(candidates_from_entries(args.optims or [BASELINE]), overrides)
+        preset = build_preset(candidates_from_entries(args.optims), overrides)
     if extra:  # further memtrain pretrain flags, after the preset's
         preset = replace(preset, flags={**preset.flags, **_pairs(extra, parser)})
     resume = not args.no_resume

@@ -138,8 +138,8 @@ class _Progress:
 
     def show(self, end: str, tail: str = "") -> None:
         elapsed = time.perf_counter() - self.start
-        of = f"/{self.steps}" if self.steps else ""
-        line = f"{self.name}: step {self.step}{of}, {elapsed:.0f} s{tail}"
+        where = f"step {self.step}/{self.steps}" if self.steps else "running"  # no bar to read without steps
+        line = f"{self.name}: {where}, {elapsed:.0f} s{tail}"
         with self._lock:
             if self.tty:
                 self.stream.write(f"\r\033[K{line}{end or ''}")

@@ -10,6 +10,17 @@ from memtrain.optim.transforms import adamw_t_
 from ..conftest import lm_batch, tiny_llama
 
 
+def assert_same_training(ours_model, ours, ref_model, ref, steps):
+    """Train both copies on the same batches; every parameter must end bit-identical."""
+    for step in range(steps):
+        for m, o in ((ours_model, ours), (ref_model, ref)):
+            m(**lm_batch(step)).loss.backward()
+            o.step()
+            o.zero_grad()
+    for (name, a), b in zip(ours_model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_adamw_equals_torch_adamw_bitwise(weight_decay):
     ours_model = tiny_llama()
@@ -22,13 +33,7 @@ def test_adamw_equals_torch_adamw_bitwise(weight_decay):
     ref = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=3e-3, betas=(0.8, 0.95), eps=1e-7, foreach=False)
-    for step in range(8):
-        for m, o in ((ours_model, ours), (ref_model, ref)):
-            m(**lm_batch(step)).loss.backward()
-            o.step()
-            o.zero_grad()
-    for (name, a), b in zip(ours_model.named_parameters(), ref_model.parameters()):
-        assert torch.equal(a, b), name
+    assert_same_training(ours_model, ours, ref_model, ref, steps=8)
 
 
 
@@ -47,13 +52,7 @@ def test_adam_lr_gives_the_non_matrix_roles_their_own_lr_bitwise():
     ref = torch.optim.AdamW([{"params": matrices, "lr": 3e-3, "weight_decay": 0.1},
                              {"params": rest_decay, "lr": 2e-2, "weight_decay": 0.1},
                              {"params": vectors, "lr": 2e-2, "weight_decay": 0.0}], lr=1.0, foreach=False)
-    for step in range(4):
-        for m, o in ((ours_model, ours), (ref_model, ref)):
-            m(**lm_batch(step)).loss.backward()
-            o.step()
-            o.zero_grad()
-    for (name, a), b in zip(ours_model.named_parameters(), ref_model.parameters()):
-        assert torch.equal(a, b), name
+    assert_same_training(ours_model, ours, ref_model, ref, steps=4)
     plain = memtrain.build_optimizer(tiny_llama(), "adamw", lr=3e-3)
     assert {g["lr"] for g in plain.param_groups} == {3e-3}
 

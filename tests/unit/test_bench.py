@@ -257,3 +257,13 @@ def test_a_failed_entry_is_a_row_with_its_error(tmp_path):
     rows = bench.summarize(results, preset)
     assert rows[1]["eval_ppl_mean"] is None and rows[1]["errors"] == ["ValueError: no"]
     assert "| `swan@1e-3` | failed: ValueError: no" in bench.markdown(rows, results, preset, "x", None)
+
+
+def test_the_command_asks_for_a_preset_or_entries(capsys, tmp_path):
+    for argv in ([], ["--preset", "p.yaml", "--optims", "adamw"]):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+    err = capsys.readouterr().err
+    assert "give --preset FILE" in err and "not both" in err
+    with pytest.raises(ValueError, match="not found"):
+        bench.main(["--preset", str(tmp_path / "nope.yaml")])
