@@ -445,8 +445,8 @@ def fairness(preset: Preset) -> str:
     else:
         text = f"`{base.label}` has one lr for every parameter."
     if tied:
-        text += (f" {', '.join(f'`{t}`' for t in tied)} take the baseline's tuned non-matrix lr instead of tuning "
-                 "their own (every such method shares one tuned non-matrix lr).")
+        text += (f" {', '.join(f'`{t}`' for t in tied)} {'takes' if len(tied) == 1 else 'take'} the baseline's tuned "
+                 "non-matrix lr instead of tuning their own (every such method shares one tuned non-matrix lr).")
     return text
 
 
@@ -533,19 +533,25 @@ def plot(rows: list[dict], results: dict[str, dict], preset: Preset, out_dir: Pa
     plt.close(fig)
 
     done = [r for r in rows if r["eval_ppl_mean"] is not None]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(done) + 2), 4.5))
-    xs = range(len(done))
+    if not done:
+        return
+    # Two panels: the exact bytes memtrain counts, and the measured peak (on CPU the process's RSS, which the
+    # runtime dominates; on GPU torch's allocator peak).
+    fig, (exact, peak) = plt.subplots(1, 2, figsize=(max(8.0, 1.2 * len(done) + 4), 4.5))
+    xs = list(range(len(done)))
     mib = lambda key: [(r.get(key) or 0) / 2**20 for r in done]  # noqa: E731
     bottom = [0.0] * len(done)
     for key, name in (("weight_bytes", "weights"), ("gradient_bytes", "gradients"), ("state_bytes", "optimizer state")):
-        ax.bar(xs, mib(key), bottom=bottom, label=name)
+        exact.bar(xs, mib(key), bottom=bottom, label=name)
         bottom = [b + v for b, v in zip(bottom, mib(key))]
-    ax.scatter(xs, mib("peak_memory_bytes"), color="black", marker="_", s=400, zorder=3,
-               label=f"peak ({done[0]['peak_memory_kind'] if done else ''})")
-    ax.set_xticks(list(xs), [r["label"] for r in done], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("MiB")
-    ax.set_title(f"{preset.name}: memory per run (bars exact, peak measured)")
-    ax.legend(fontsize=8)
+    exact.set_title("weights, gradients, optimizer state (exact)")
+    exact.legend(fontsize=8)
+    peak.bar(xs, mib("peak_memory_bytes"), color="gray")
+    peak.set_title(f"peak memory ({done[0]['peak_memory_kind']})")
+    for ax in (exact, peak):
+        ax.set_xticks(xs, [r["label"] for r in done], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("MiB")
+    fig.suptitle(f"{preset.name}: memory per run")
     fig.tight_layout()
     fig.savefig(out_dir / f"{preset.name}-memory.png", dpi=120)
     plt.close(fig)
