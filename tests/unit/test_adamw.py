@@ -53,6 +53,10 @@ def test_adam_lr_gives_the_non_matrix_roles_their_own_lr_bitwise():
                              {"params": rest_decay, "lr": 2e-2, "weight_decay": 0.1},
                              {"params": vectors, "lr": 2e-2, "weight_decay": 0.0}], lr=1.0, foreach=False)
     assert_same_training(ours_model, ours, ref_model, ref, steps=4)
+    # Layer-wise release keeps the two lrs (the benchmark's adamw-layerwise re-runs the tuned point).
+    lw_model, plain_model = tiny_llama(), tiny_llama()
+    assert_same_training(lw_model, memtrain.build_optimizer(lw_model, "adamw", lr=3e-3, adam_lr=2e-2, layerwise=True),
+                         plain_model, memtrain.build_optimizer(plain_model, "adamw", lr=3e-3, adam_lr=2e-2), steps=3)
     plain = memtrain.build_optimizer(tiny_llama(), "adamw", lr=3e-3)
     assert {g["lr"] for g in plain.param_groups} == {3e-3}
 
