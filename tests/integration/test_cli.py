@@ -86,3 +86,37 @@ def test_engine_benchmark_cells():
                     "state_fraction_of_one_process": 0.5, "comm_bytes_per_step": 64.0, "tokens_per_s": 90.0,
                     "tokens_per_s_vs_adamw": pytest.approx(0.9)}
     assert _cell(report, reference, {"error": "refused"})["tokens_per_s_vs_adamw"] is None
+
+
+def test_bench_preset_end_to_end_then_resumed(tmp_path):
+    """``memtrain bench --preset``: a real run through the runner (progress from HF's bar, report.json), the
+    report files, and a repeated command that trains nothing."""
+    preset = tmp_path / "p.yaml"
+    preset.write_text(f"""
+name: e2e
+model: llama-tiny
+max_steps: 2
+eval_steps: 1
+seeds: [0]
+flags: {{max_train_samples: 16, max_eval_samples: 4, per_device_train_batch_size: 4}}
+out_dir: {tmp_path / 'docs'}
+work_dir: {tmp_path / 'runs'}
+optimizers:
+  mine:
+    optimizer: adamw
+    grid: {{lr: [2.0e-3]}}
+""")
+    proc = run([sys.executable, "-m", "memtrain", "bench", "--preset", str(preset)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[1/1] mine lr=0.002 seed 0: step 2/2" in proc.stderr and "done: eval ppl" in proc.stderr
+    data = json.loads((tmp_path / "docs" / "e2e.json").read_text())
+    row = data["rows"][0]
+    report = json.loads((tmp_path / "runs" / "e2e" / "mine" / "lr=0.002-seed0" / "report.json").read_text())
+    assert row["label"] == "mine" and row["baseline"] and row["ppl_ratio_mean"] == 1.0
+    assert row["eval_ppl_per_seed"] == [report["eval_perplexity"]] and report["learning_rate"] == 0.002
+    assert row["state_bytes"] == 8 * report["trainable_parameters"] and report["global_steps"] == 2
+    assert [h["step"] for h in report["eval_history"]] == [0, 1, 2, 2]
+    assert (tmp_path / "docs" / "e2e.png").stat().st_size > 0 and (tmp_path / "docs" / "e2e-memory.png").exists()
+    assert "| `mine` | lr=0.002 |" in (tmp_path / "docs" / "e2e.md").read_text()
+    again = run([sys.executable, "-m", "memtrain", "bench", "--preset", str(preset)])
+    assert again.returncode == 0 and "finished earlier, skipped" in again.stderr and "step" not in again.stderr
