@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from .. import configs
 
@@ -117,13 +117,14 @@ def finished(job: Job) -> dict | None:
 
 
 class _Progress:
-    """One line per job: rewritten in place on a terminal, printed every ``LOG_EVERY_S`` otherwise."""
+    """One line per job: rewritten in place on a terminal (when one job runs at a time), printed every
+    ``LOG_EVERY_S`` otherwise."""
 
     _lock = threading.Lock()
 
-    def __init__(self, name: str, steps: int | None, stream=None):
+    def __init__(self, name: str, steps: int | None, inplace: bool = True, stream=None):
         self.name, self.steps, self.stream = name, steps, stream or sys.stderr
-        self.tty = self.stream.isatty()
+        self.tty = inplace and self.stream.isatty()
         self.start = self.last_print = time.perf_counter()
         self.step = 0
 
@@ -148,9 +149,10 @@ class _Progress:
             self.stream.flush()
 
 
-def run(job: Job, *, resume: bool = True, name: str | None = None) -> dict:
+def run(job: Job, *, resume: bool = True, name: str | None = None, inplace: bool = True) -> dict:
     """Run ``job`` (or return its finished report when ``resume``): the report plus ``wall_s``, or
-    ``{"error": ...}`` naming the first exception the job raised."""
+    ``{"error": ...}`` naming the first exception the job raised. ``inplace``: the progress line may rewrite
+    itself on a terminal (not when several jobs share it)."""
     name = name or job.label or str(job.out)
     if resume and (report := finished(job)) is not None:
         print(f"{name}: finished earlier, skipped ({job.out})", file=sys.stderr, flush=True)
@@ -158,7 +160,7 @@ def run(job: Job, *, resume: bool = True, name: str | None = None) -> dict:
     job.out.mkdir(parents=True, exist_ok=True)
     for stale in ("job.json", "report.json"):
         (job.out / stale).unlink(missing_ok=True)
-    progress = _Progress(name, job.steps)
+    progress = _Progress(name, job.steps, inplace)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **dict(job.env)}
     start = time.perf_counter()
     with open(job.out / "job.log", "w") as log:
@@ -178,21 +180,18 @@ def run(job: Job, *, resume: bool = True, name: str | None = None) -> dict:
     report = {**json.loads(report_path.read_text()), "wall_s": wall}
     (job.out / "job.json").write_text(json.dumps({"key": job.key(), "argv": job.argv(), "wall_s": wall}, indent=1))
     ppl = report.get("eval_perplexity")
-    progress.show("\n", f", done" + (f": eval ppl {ppl:.3f}" if isinstance(ppl, (int, float)) else ""))
+    progress.show("\n", ", done" + (f": eval ppl {ppl:.3f}" if isinstance(ppl, (int, float)) else ""))
     return report
 
 
-def run_all(jobs: Sequence[Job], *, workers: int = 1, resume: bool = True,
-            on_done: Callable[[Job, dict], None] | None = None) -> list[dict]:
-    """Run ``jobs`` (``workers`` at a time), in order of the result list; ``[i/n]`` prefixes each progress line."""
+def run_all(jobs: Sequence[Job], *, workers: int = 1, resume: bool = True) -> list[dict]:
+    """Run ``jobs`` (``workers`` at a time); the reports in the order of ``jobs``. ``[i/n]`` prefixes each
+    progress line."""
     n = len(jobs)
 
     def one(item):
         i, job = item
-        report = run(job, resume=resume, name=f"[{i + 1}/{n}] {job.label or job.out}")
-        if on_done is not None:
-            on_done(job, report)
-        return report
+        return run(job, resume=resume, name=f"[{i + 1}/{n}] {job.label or job.out}", inplace=workers <= 1)
 
     if workers <= 1:
         return [one(item) for item in enumerate(jobs)]
