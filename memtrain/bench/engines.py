@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .optimizers import Entry, pretrain
+from . import runner
+from .optimizers import BASELINE, Entry, optim_flags
 from ..recipes.models import build_model
 from ..optim.registry import optimizer_names
 
@@ -79,25 +80,38 @@ def main(argv=None) -> dict:
     parser.add_argument("--name", default="engines")
     parser.add_argument("--out_dir", default="docs/benchmarks")
     parser.add_argument("--work_dir", default="out/bench_engines")
+    parser.add_argument("--no_resume", action="store_true", help="re-run finished runs too")
     args = parser.parse_args(argv)
     entries = [Entry.parse(e) for e in (args.optims or optimizer_names())]
     work = Path(args.work_dir)
     # Every run starts from the same saved weights: ZeRO-3 builds a fresh model partitioned (deepspeed.zero.Init),
     # which draws other random numbers than a plain init.
-    build_model(args.model, seed=0).save_pretrained(work / "init")
-    flags = ["--model", str(work / "init"), "--max_steps", str(args.max_steps), "--seed", "0", "--data_seed", "0",
-             "--logging_steps", str(args.max_steps), "--max_eval_samples", "64"]
-    reference = {e.label: pretrain(e, work / "single" / e.slug, flags + [
-        "--per_device_train_batch_size", str(WORLD * args.batch)]) for e in entries}
-    runs = {engine: {e.label: pretrain(e, work / engine / e.slug, flags + [
-        "--per_device_train_batch_size", str(args.batch), "--ddp_timeout", "300"], engine=engine) for e in entries}
-        for engine in args.engines}
-    table = {e.label: {engine: _cell(runs[engine][e.label], reference[e.label], runs[engine].get("adamw"))
+    init = work / "init" / runner.slug(args.model)
+    if not (init / "config.json").is_file():  # saved once, so that finished runs stay finished (runner.Job.key)
+        build_model(args.model, seed=0).save_pretrained(init)
+    flags = ["--model", str(init), "--max_steps", str(args.max_steps), "--seed", "0", "--data_seed", "0",
+             "--logging_steps", str(args.max_steps), "--max_eval_samples", "64", "--save_final_model", "false",
+             "--report_to", "none", "--disable_tqdm", "false"]
+
+    def job(e: Entry, engine: str | None) -> runner.Job:
+        batch = ["--per_device_train_batch_size", str(WORLD * args.batch)] if engine is None else \
+            ["--per_device_train_batch_size", str(args.batch), "--ddp_timeout", "300"]
+        return runner.Job(("pretrain",), tuple(flags + batch + optim_flags(e.optim, e.optim_args, e.lr)), work / (engine or "single") / e.slug,
+                          label=f"{e.label} on {engine or 'one process'}", engine=engine, steps=args.max_steps,
+                          env=(("OMP_NUM_THREADS", "1"),) if engine else ())  # one thread per rank
+
+    resume = not args.no_resume
+    reference = dict(zip([e.label for e in entries], runner.run_all([job(e, None) for e in entries], resume=resume)))
+    runs = {engine: dict(zip([e.label for e in entries],
+                             runner.run_all([job(e, engine) for e in entries], resume=resume)))
+            for engine in args.engines}
+    base = next((e.label for e in entries if e.optim == BASELINE), None)  # by optimizer name, not label
+    table = {e.label: {engine: _cell(runs[engine][e.label], reference[e.label], runs[engine].get(base))
                        for engine in args.engines} for e in entries}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = "memtrain bench engines " + " ".join(argv if argv is not None else sys.argv[1:])
-    (out_dir / f"{args.name}.md").write_text(markdown(table, args, command.strip()))
+    command = runner.command_line("memtrain bench engines", argv if argv is not None else sys.argv[1:])
+    (out_dir / f"{args.name}.md").write_text(markdown(table, args, command))
     (out_dir / f"{args.name}.json").write_text(json.dumps({"table": table, "reference": reference, "runs": runs},
                                                           indent=1, default=str))
     print((out_dir / f"{args.name}.md").read_text())

@@ -2,11 +2,9 @@
 memory is per run), same flags, data, seed and steps, then a markdown table."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
+from . import runner
 from ..hf.factory import _optim_name
 from ..recipes.finetune import ADAPTER_CHOICES, FinetuneArguments
 from ..hf import TrainingArguments
@@ -36,21 +34,21 @@ def _drop_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
 
 
 def benchmark(fargs: FinetuneArguments, args: TrainingArguments, argv: list[str]) -> list[dict]:
-    """Each entry through ``memtrain finetune`` in its own process (so peak RSS is per run), same flags, data,
-    seed and steps; then a markdown table in ``fargs.benchmark_out``."""
+    """Each entry through ``memtrain finetune`` in its own process (:mod:`.runner`: peak RSS is per run, a finished
+    entry is not run again), same flags, data, seed and steps; then a markdown table in ``fargs.benchmark_out``."""
     common = _drop_flags(list(argv), ("--benchmark", "--benchmark_out", "--output_dir", "--adapter", "--adapter_args",
                                       "--learning_rate", "--merge"))
     rows = []
     for entry in fargs.benchmark:
         adapter, adapter_args, lr = _parse_entry(entry)
-        out_dir = Path(args.output_dir) / entry.replace(":", "_").replace(",", "_").replace("=", "-")
-        cmd = [sys.executable, "-m", "memtrain", "finetune", *common, "--adapter", adapter, "--output_dir", str(out_dir)]
-        if adapter_args:
-            cmd += ["--adapter_args", adapter_args]
-        cmd += ["--learning_rate", lr or str(args.learning_rate)]
-        print("benchmark:", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
-        rows.append({"entry": entry, **json.loads((out_dir / "report.json").read_text())})
+        flags = [*common, "--adapter", adapter, *(["--adapter_args", adapter_args] if adapter_args else []),
+                 "--learning_rate", lr or str(args.learning_rate)]
+        job = runner.Job(("finetune",), tuple(flags), Path(args.output_dir) / runner.slug(entry), label=entry,
+                         steps=args.max_steps if args.max_steps > 0 else None)
+        report = runner.run(job)
+        if "error" in report:
+            raise RuntimeError(f"fine-tuning benchmark entry {entry!r} failed: {report['error']} (log: {report['log']})")
+        rows.append({"entry": entry, **report})
     Path(fargs.benchmark_out).parent.mkdir(parents=True, exist_ok=True)
     Path(fargs.benchmark_out).write_text(format_table(rows, fargs, args))
     print(f"benchmark table written to {fargs.benchmark_out}", flush=True)

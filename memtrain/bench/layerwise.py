@@ -4,7 +4,8 @@ peak process memory (CUDA max allocated on GPU; peak RSS on CPU, coarse), with a
     memtrain bench layerwise --model llama-20m --optims adamw galore:rank=64 --steps 4
     memtrain bench layerwise --fsdp2 2 --model llama-20m --optims adamw   # FSDP2 on 2 ranks (torchrun)
 
-Each configuration runs in a fresh process (group), so peak RSS is not inherited from an earlier run. Prints a
+Each configuration runs in a fresh process (group) through :mod:`.runner`, so peak RSS is not inherited from an
+earlier run and a finished configuration is not measured again. Prints a
 markdown table (and writes it with --out). Gradient bytes are those of the distinct storages behind the live
 ``.grad`` tensors: under FSDP2 a unit's gradient shards are views of one reduce-scatter buffer, alive until the
 last of them is released, so "largest gradient" is the largest such buffer (one FSDP unit's shards). With
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
+from pathlib import Path
+
+from . import runner
 
 
 def measure(model_name: str, optim: str, layerwise: bool, steps: int, batch: int, seq_len: int,
@@ -104,24 +106,29 @@ def main(argv=None) -> None:
     parser.add_argument("--fsdp2", type=int, default=0, metavar="RANKS",
                         help="shard with FSDP2 over this many ranks (torchrun; gloo on CPU, nccl on GPUs)")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
+    parser.add_argument("--work_dir", default="out/bench_layerwise", help="each configuration's report.json")
+    parser.add_argument("--no_resume", action="store_true", help="re-run finished configurations too")
     parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--output_dir", default=None, help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
-    if a._one:  # child process: one configuration
+    if a._one:  # child process (runner.Job): one configuration, its report.json in --output_dir
         optim, layerwise = json.loads(a._one)
         result = measure(a.model, optim, layerwise, a.steps, a.batch, a.seq_len, fsdp2=bool(a.fsdp2))
         if result is not None:
-            print(json.dumps(result))
+            Path(a.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(a.output_dir) / "report.json").write_text(json.dumps(result))
         return
-    rows = []
-    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.fsdp2)]
-                                 if a.fsdp2 else []) + ["-m" if not a.fsdp2 else "--module", "memtrain.bench.layerwise"]
-    for optim in a.optims:
-        for layerwise in (False, True):
-            cmd = launch + ["--model", a.model, "--steps", str(a.steps), "--batch", str(a.batch),
-                            "--seq_len", str(a.seq_len), "--fsdp2", str(a.fsdp2), "--_one",
-                            json.dumps([optim, layerwise])]
-            rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                                   .strip().splitlines()[-1]))
+    common = ["--model", a.model, "--steps", str(a.steps), "--batch", str(a.batch), "--seq_len", str(a.seq_len),
+              "--fsdp2", str(a.fsdp2)]
+    jobs = [runner.Job(("bench", "layerwise"), (*common, "--_one", json.dumps([optim, layerwise])),
+                       Path(a.work_dir) / runner.slug(f"{a.model}-{optim}-{'layerwise' if layerwise else 'plain'}"
+                                                      f"-fsdp{a.fsdp2}"),
+                       label=f"{optim}{' layer-wise' if layerwise else ''}", ranks=a.fsdp2 or None)
+            for optim in a.optims for layerwise in (False, True)]
+    rows = runner.run_all(jobs, resume=not a.no_resume)
+    failed = [(j.label, r["error"]) for j, r in zip(jobs, rows) if "error" in r]
+    if failed:
+        raise RuntimeError("layer-wise measurement failed: " + "; ".join(f"{n}: {e}" for n, e in failed))
 
     def mib(b):
         return " / ".join(mib(x) for x in b) if isinstance(b, list) else f"{b / 2**20:,.2f}"

@@ -1,4 +1,4 @@
-"""scripts/pretrain.py end to end (plain python, config file, accelerate launch) and scripts/benchmark.py."""
+"""scripts/pretrain.py end to end (plain python, config file, accelerate launch) and the benchmarks' parts."""
 import json
 import os
 import subprocess
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from memtrain.bench.optimizers import Entry, first_error, summarize
 from memtrain.bench.engines import _cell
+from memtrain.bench.optimizers import Entry
+from memtrain.bench.runner import first_error
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK = ["--max_steps", "4", "--max_train_samples", "64", "--max_eval_samples", "8", "--logging_steps", "2",
@@ -62,18 +63,13 @@ def test_list_optimizers():
     assert proc.returncode == 0 and "adamw" in proc.stdout and "baseline" in proc.stdout
 
 
-def test_benchmark_entries_and_summary():
+def test_benchmark_entries():
+    """Entry syntax of ``--optims``; the tuned pipeline and its summary are tested in tests/unit/test_bench.py."""
     e = Entry.parse("galore:rank=32,update_proj_gap=50@0.01")
     assert (e.optim, e.optim_args, e.lr) == ("galore", "rank=32,update_proj_gap=50", 0.01)
     assert Entry.parse("adamw") == Entry("adamw", "adamw", "", None)
     with pytest.raises(ValueError, match="learning rate"):
         Entry.parse("adamw@fast")
-    rep = lambda ppl, tps: {"eval_perplexity": ppl, "tokens_per_second": tps, "optimizer_state_bytes": 8,
-                            "optimizer_state_bytes_per_trainable_parameter": 8.0, "peak_memory_bytes": 2**20,
-                            "peak_memory_kind": "cpu_peak_rss"}
-    rows = summarize({"adamw": [rep(10.0, 100.0), rep(12.0, 100.0)], "x": [rep(11.0, 50.0), rep(11.0, 50.0)]})
-    assert rows[0]["eval_ppl"] == 11.0 and rows[1]["ppl_vs_adamw_pct"] == 0.0
-    assert rows[1]["tokens_per_s_vs_adamw"] == 0.5
 
 
 def test_engine_benchmark_cells():
@@ -90,3 +86,37 @@ def test_engine_benchmark_cells():
                     "state_fraction_of_one_process": 0.5, "comm_bytes_per_step": 64.0, "tokens_per_s": 90.0,
                     "tokens_per_s_vs_adamw": pytest.approx(0.9)}
     assert _cell(report, reference, {"error": "refused"})["tokens_per_s_vs_adamw"] is None
+
+
+def test_bench_preset_end_to_end_then_resumed(tmp_path):
+    """``memtrain bench --preset``: a real run through the runner (progress from HF's bar, report.json), the
+    report files, and a repeated command that trains nothing."""
+    preset = tmp_path / "p.yaml"
+    preset.write_text(f"""
+name: e2e
+model: llama-tiny
+max_steps: 2
+eval_steps: 1
+seeds: [0]
+flags: {{max_train_samples: 16, max_eval_samples: 4, per_device_train_batch_size: 4}}
+out_dir: {tmp_path / 'docs'}
+work_dir: {tmp_path / 'runs'}
+optimizers:
+  mine:
+    optimizer: adamw
+    grid: {{lr: [2.0e-3]}}
+""")
+    proc = run([sys.executable, "-m", "memtrain", "bench", "--preset", str(preset)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[1/1] mine lr=0.002 seed 0: step 2/2" in proc.stderr and "done: eval ppl" in proc.stderr
+    data = json.loads((tmp_path / "docs" / "e2e.json").read_text())
+    row = data["rows"][0]
+    report = json.loads((tmp_path / "runs" / "e2e" / "mine" / "lr=0.002-seed0" / "report.json").read_text())
+    assert row["label"] == "mine" and row["baseline"] and row["ppl_ratio_mean"] == 1.0
+    assert row["eval_ppl_per_seed"] == [report["eval_perplexity"]] and report["learning_rate"] == 0.002
+    assert row["state_bytes"] == 8 * report["trainable_parameters"] and report["global_steps"] == 2
+    assert [h["step"] for h in report["eval_history"]] == [0, 1, 2, 2]
+    assert (tmp_path / "docs" / "e2e.png").stat().st_size > 0 and (tmp_path / "docs" / "e2e-memory.png").exists()
+    assert "| `mine` | lr=0.002 |" in (tmp_path / "docs" / "e2e.md").read_text()
+    again = run([sys.executable, "-m", "memtrain", "bench", "--preset", str(preset)])
+    assert again.returncode == 0 and "finished earlier, skipped" in again.stderr and "step" not in again.stderr

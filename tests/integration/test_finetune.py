@@ -95,3 +95,24 @@ def test_trainer_resume_from_checkpoint_is_exact(workdir, tmp_path, adapter):
     assert full.keys() == resumed.keys()
     for key in full:
         assert torch.equal(full[key], resumed[key]), key
+
+
+def test_benchmark_mode_runs_each_entry_in_its_own_process_once(workdir, tmp_path):
+    """``--benchmark`` through memtrain.bench.runner: one process per entry, a table, and a repeated command
+    skips the finished entries (their job.log is not written again)."""
+    table = tmp_path / "finetune.md"
+    argv = ["--model_name_or_path", str(workdir / "base"), "--dataset", str(workdir / "lighthouse.txt"),
+            "--val_fraction", "0.2", "--lora_r", "4", "--max_steps", "2", "--per_device_train_batch_size", "4",
+            "--output_dir", str(tmp_path / "runs"), "--benchmark", "lora@1e-2", "full@1e-3",
+            "--benchmark_out", str(table), *COMMON]
+    rows = script_main("finetune")(argv)
+    assert [r["entry"] for r in rows] == ["lora@1e-2", "full@1e-3"]
+    assert [r["learning_rate"] for r in rows] == [1e-2, 1e-3] and rows[0]["adapter"] == "lora"
+    assert rows[1]["trainable_parameters"] == rows[1]["parameters"] > rows[0]["trainable_parameters"]
+    text = table.read_text()
+    assert "| lora@1e-2 | 0.01 |" in text and "| full@1e-3 | 0.001 |" in text
+    log = tmp_path / "runs" / "lora_1e-2" / "job.log"
+    stamp = log.stat().st_mtime_ns
+    again = script_main("finetune")(argv)
+    assert all(r["resumed"] for r in again) and log.stat().st_mtime_ns == stamp
+    assert [r["eval_perplexity"] for r in again] == [r["eval_perplexity"] for r in rows]

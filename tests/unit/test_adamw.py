@@ -10,6 +10,17 @@ from memtrain.optim.transforms import adamw_t_
 from ..conftest import lm_batch, tiny_llama
 
 
+def assert_same_training(ours_model, ours, ref_model, ref, steps):
+    """Train both copies on the same batches; every parameter must end bit-identical."""
+    for step in range(steps):
+        for m, o in ((ours_model, ours), (ref_model, ref)):
+            m(**lm_batch(step)).loss.backward()
+            o.step()
+            o.zero_grad()
+    for (name, a), b in zip(ours_model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_adamw_equals_torch_adamw_bitwise(weight_decay):
     ours_model = tiny_llama()
@@ -22,13 +33,32 @@ def test_adamw_equals_torch_adamw_bitwise(weight_decay):
     ref = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=3e-3, betas=(0.8, 0.95), eps=1e-7, foreach=False)
-    for step in range(8):
-        for m, o in ((ours_model, ours), (ref_model, ref)):
-            m(**lm_batch(step)).loss.backward()
-            o.step()
-            o.zero_grad()
-    for (name, a), b in zip(ours_model.named_parameters(), ref_model.parameters()):
-        assert torch.equal(a, b), name
+    assert_same_training(ours_model, ours, ref_model, ref, steps=8)
+
+
+
+def test_adam_lr_gives_the_non_matrix_roles_their_own_lr_bitwise():
+    """The two-lr baseline of the tuned benchmark: hidden matrices at lr, embedding/head/vectors at adam_lr."""
+    ours_model = tiny_llama()
+    ref_model = copy.deepcopy(ours_model)
+    ours = memtrain.build_optimizer(ours_model, "adamw", lr=3e-3, adam_lr=2e-2, weight_decay=0.1)
+    roles = {g["role"]: g["lr"] for g in ours.param_groups}
+    assert roles == {"embedding": 2e-2, "head": 2e-2, "vector": 2e-2, "matrix": 3e-3}
+    linear = {id(m.weight) for m in ref_model.modules() if isinstance(m, torch.nn.Linear)}
+    head = ref_model.get_output_embeddings().weight
+    matrices = [p for p in ref_model.parameters() if id(p) in linear and p is not head]
+    rest_decay = [p for p in ref_model.parameters() if p.dim() >= 2 and not any(p is q for q in matrices)]
+    vectors = [p for p in ref_model.parameters() if p.dim() < 2]
+    ref = torch.optim.AdamW([{"params": matrices, "lr": 3e-3, "weight_decay": 0.1},
+                             {"params": rest_decay, "lr": 2e-2, "weight_decay": 0.1},
+                             {"params": vectors, "lr": 2e-2, "weight_decay": 0.0}], lr=1.0, foreach=False)
+    assert_same_training(ours_model, ours, ref_model, ref, steps=4)
+    # Layer-wise release keeps the two lrs (the benchmark's adamw-layerwise re-runs the tuned point).
+    lw_model, plain_model = tiny_llama(), tiny_llama()
+    assert_same_training(lw_model, memtrain.build_optimizer(lw_model, "adamw", lr=3e-3, adam_lr=2e-2, layerwise=True),
+                         plain_model, memtrain.build_optimizer(plain_model, "adamw", lr=3e-3, adam_lr=2e-2), steps=3)
+    plain = memtrain.build_optimizer(tiny_llama(), "adamw", lr=3e-3)
+    assert {g["lr"] for g in plain.param_groups} == {3e-3}
 
 
 def test_bf16_parameters_get_fp32_math_rounded_once():
