@@ -39,12 +39,13 @@ def benchmark(fargs: FinetuneArguments, args: TrainingArguments, argv: list[str]
     """Each entry through ``memtrain finetune`` in its own process (so peak RSS is per run), same flags, data,
     seed and steps; then a markdown table in ``fargs.benchmark_out``."""
     common = _drop_flags(list(argv), ("--benchmark", "--benchmark_out", "--output_dir", "--adapter", "--adapter_args",
-                                      "--learning_rate", "--merge"))
+                                      "--learning_rate", "--merge", "--overwrite_output_dir"))
     rows = []
     for entry in fargs.benchmark:
         adapter, adapter_args, lr = _parse_entry(entry)
         out_dir = Path(args.output_dir) / entry.replace(":", "_").replace(",", "_").replace("=", "-")
-        cmd = [sys.executable, "-m", "memtrain", "finetune", *common, "--adapter", adapter, "--output_dir", str(out_dir)]
+        cmd = [sys.executable, "-m", "memtrain", "finetune", *common, "--adapter", adapter, "--output_dir", str(out_dir),
+               "--overwrite_output_dir", "true"]  # the benchmark owns its entries' directories
         if adapter_args:
             cmd += ["--adapter_args", adapter_args]
         cmd += ["--learning_rate", lr or str(args.learning_rate)]
