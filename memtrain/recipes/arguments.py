@@ -53,19 +53,8 @@ def parse_args(dataclass_types: Sequence[type], defaults: dict[str, Any] | None 
         if action.dest in merged:
             action.required = False
     parser.set_defaults(**merged)
-    _refuse_repeated_flags(argv)
     return parser.parse_args_into_dataclasses(args=argv)
 
-
-def _refuse_repeated_flags(argv: Sequence[str]) -> None:
-    """argparse keeps the last of a flag given twice; a run then silently ignores one of the user's values."""
-    seen: dict[str, str] = {}
-    for token in argv:
-        if token.startswith("--") and len(token) > 2:
-            name = token[2:].split("=", 1)[0].replace("-", "_")
-            if name in seen:
-                raise ValueError(f"flag --{name} is given twice ({seen[name]!r} and {token!r}); give it once")
-            seen[name] = token
 
 
 def wants_list_optimizers(argv: Sequence[str]) -> bool:
