@@ -3,6 +3,7 @@ evaluation and the run report."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 
@@ -145,6 +146,8 @@ class Trainer(transformers.Trainer):
             if self.args.world_size > 1 and not isinstance(error, NonfiniteError):
                 return {}  # the report gathers across ranks; after one rank's own error the others would hang
             callback.extra["error"] = f"{type(error).__name__}: {error}"
+            if isinstance(error, NonfiniteError):
+                callback.train_loss = math.nan  # the mean loss includes the non-finite step
             callback.extra["failed_stage"] = stage
             if callback.model is None:  # failed before on_train_end: what exists now
                 callback.model, callback.optimizer = self.model, self.optimizer
