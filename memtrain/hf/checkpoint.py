@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from .factory import _optim_name, is_memtrain_optimizer, optimizer_factory, opti
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "memtrain_run.json"
-#: What an optimizer resume needs besides the weights: (label, files or directory prefixes that hold it).
+#: Where the optimizer state lives: a file, or a directory of DCP shards (FSDP2).
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin", "optimizer_0")  # plain / accelerate / FSDP DCP directory
 SCHEDULER_FILE = "scheduler.pt"
 
@@ -277,6 +278,18 @@ def fast_forward_scheduler(scheduler, steps: int) -> None:
         warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": intended here
         for _ in range(steps):
             scheduler.step()
+
+
+@contextmanager
+def loading(checkpoint: str, what: str, fresh: str):
+    """A file torch cannot load (one without a record to check it against) is reported by name."""
+    try:
+        yield
+    except ResumeError:
+        raise
+    except Exception as e:
+        raise ResumeError(f"checkpoint {checkpoint}: {what} could not be loaded ({type(e).__name__}: {e}); pass "
+                          f"--resume_fresh_optimizer true to resume the weights and step with {fresh}") from e
 
 
 def rng_file(checkpoint: str, args) -> Path:

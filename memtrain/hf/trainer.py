@@ -181,23 +181,15 @@ class Trainer(transformers.Trainer):
             return
         ckpt.check_layout(checkpoint, self._resume_record, self.optimizer)
         snapshot = ckpt.snapshot_groups(self.optimizer, _optim_name(self.args.optim))
-        try:
+        with ckpt.loading(checkpoint, "the optimizer or scheduler state", "a fresh optimizer"):
             super()._load_optimizer_and_scheduler(checkpoint)
-        except Exception as e:
-            raise ckpt.ResumeError(f"checkpoint {checkpoint}: the optimizer or scheduler state could not be loaded "
-                                   f"({type(e).__name__}: {e}); pass --resume_fresh_optimizer true to resume the "
-                                   "weights and step with a fresh optimizer") from e
         ckpt.apply_new_options(self.optimizer, self.lr_scheduler, snapshot)
 
     def _load_rng_state(self, checkpoint):
         if checkpoint is None or getattr(self.args, "resume_fresh_optimizer", False):
             return
-        try:
+        with ckpt.loading(checkpoint, ckpt.rng_file(checkpoint, self.args).name, "fresh RNG streams"):
             super()._load_rng_state(checkpoint)
-        except Exception as e:
-            raise ckpt.ResumeError(f"checkpoint {checkpoint}: {ckpt.rng_file(checkpoint, self.args).name} could not "
-                                   f"be loaded ({type(e).__name__}: {e}); pass --resume_fresh_optimizer true to "
-                                   "resume with fresh RNG streams") from e
 
     def _eval_loader(self, dataset) -> DataLoader:
         """Each rank takes every world_size-th example, with no padding or repeats, so the summed token counts
