@@ -66,6 +66,7 @@ def optimizer_factory(name: str, *, lr: float, weight_decay: float = 0.0, optim_
     build_args = ("target_modules", "rules")  # routing arguments of build_optimizer, not optimizer options
     registry.validate_options(name, {**spec.defaults, **{k: v for k, v in options.items() if k not in build_args},
                                      "lr": lr, "weight_decay": weight_decay})
+    registry.check_option_values(name, options, lr=lr, weight_decay=weight_decay)  # ranges, before any training
     return MemtrainOptimizerFactory, {"name": name, "lr": lr, "weight_decay": weight_decay, **options}
 
 

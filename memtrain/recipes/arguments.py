@@ -24,10 +24,36 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    data = json.loads(text, object_pairs_hook=_unique_keys(path)) if path.suffix == ".json" else \
+        yaml.load(text, Loader=_unique_key_loader(path))
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of argument names to values")
     return data
+
+
+def _unique_keys(path: Path):
+    """A key given twice in a config file (``optim_args: {rank: 4, rank: 8}``) is refused: YAML and JSON parsers
+    keep the last one silently."""
+    def pairs(items):
+        keys = [k for k, _ in items]
+        repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"config file {str(path)!r} gives {', '.join(repeated)} more than once; give each key once")
+        return dict(items)
+    return pairs
+
+
+def _unique_key_loader(path: Path) -> type:
+    check = _unique_keys(path)
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            # the mapping's own keys only: a key that overrides a merged (<<: *anchor) one is YAML's intent
+            check([(self.construct_object(k, deep=deep), None) for k, _ in node.value
+                   if k.tag != "tag:yaml.org,2002:merge"])
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
 
 
 def parse_args(dataclass_types: Sequence[type], defaults: dict[str, Any] | None = None,

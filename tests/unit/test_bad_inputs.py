@@ -99,6 +99,41 @@ def test_optim_args_mapping_from_a_yaml_config_file(tmp_path):
     assert registry.parse_optim_args("galore", args.optim_args) == {"rank": 8, "betas": (0.9, 0.95)}
 
 
+CONFIG_ERRORS = [
+    # (file name, text, expected error)
+    ("dup.yaml", "optim: galore\noptim_args: {rank: 4, rank: 8}\n", r"gives rank more than once"),
+    ("dup_top.yaml", "max_steps: 3\noptim: adamw\nmax_steps: 4\n", r"gives max_steps more than once"),
+    ("dup.json", '{"optim_args": {"rank": 4, "rank": 8}}', r"gives rank more than once"),
+    ("list.yaml", "- optim\n- adamw\n", r"must hold a mapping of argument names to values"),
+    ("unknown.yaml", "optimm: adamw\n", r"unknown argument\(s\) in config file: optimm"),
+    ("range.yaml", "optim: galore\noptim_args: {rank: 0}\n", r"rank must be a positive integer, got 0"),
+]
+
+
+@pytest.mark.parametrize("name,text,error", CONFIG_ERRORS, ids=[c[0] for c in CONFIG_ERRORS])
+def test_bad_config_files_are_refused(name, text, error, tmp_path):
+    config = tmp_path / name
+    config.write_text(text)
+    with pytest.raises(ValueError, match=error):
+        parse_args((pretrain.ModelDataArguments, memtrain.TrainingArguments), pretrain.PRETRAIN_DEFAULTS,
+                   [str(config), "--output_dir", str(tmp_path / "out")])
+
+
+def test_a_yaml_merge_key_may_be_overridden(tmp_path):
+    from memtrain.recipes.arguments import load_config_file
+
+    config = tmp_path / "merge.yaml"
+    config.write_text("base: &b {rank: 4, scale: 0.5}\noptim_args:\n  <<: *b\n  rank: 8\n")
+    assert load_config_file(config)["optim_args"] == {"rank": 8, "scale": 0.5}
+
+
+def test_the_python_factory_checks_ranges_before_training():
+    with pytest.raises(ValueError, match=r"optimizer galore: rank must be a positive integer, got 0"):
+        memtrain.hf.optimizer_factory("galore", lr=1e-3, optim_args={"rank": 0})
+    with pytest.raises(ValueError, match=r"gives rank more than once"):
+        memtrain.hf.optimizer_factory("galore", lr=1e-3, optim_args="rank=2,rank=3")
+
+
 def test_resumable_options_name_real_options():
     """A typo in the resumable table would silently let a state-shaping option change on resume."""
     for name, keys in registry.RESUMABLE.items():
