@@ -67,7 +67,7 @@ def first_error(stderr: str) -> str | None:
 def pretrain(entry: Entry, out: Path, flags: list[str], engine: str | None = None) -> dict:
     """One ``memtrain pretrain`` run of ``entry`` writing into ``out``: its report (plus ``wall_s``), or
     ``{"error": last line of stderr}`` if the run failed (a refusal, say)."""
-    cmd = [*launcher(engine), "--optim", entry.optim, "--output_dir", str(out),
+    cmd = [*launcher(engine), "--optim", entry.optim, "--output_dir", str(out), "--overwrite_output_dir", "true",
            "--save_final_model", "false", "--report_to", "none", "--disable_tqdm", "true", *flags]
     if entry.optim_args:
         cmd += ["--optim_args", entry.optim_args]
