@@ -23,8 +23,12 @@ class TrainingArguments(transformers.TrainingArguments):
 
     optim: str = field(
         default="adamw_torch",
-        metadata={"help": "Optimizer: a memtrain name (see `python -m memtrain.optim`) or any HF OptimizerNames value."},
+        metadata={"help": "Optimizer: a memtrain name (`memtrain list` lists them) or any HF OptimizerNames value."},
     )
+    optim_args: str | None = field(default=None, metadata={
+        "help": "The optimizer's options: 'k=v,k=v' (tuples as 0.9:0.95), a JSON object, or a mapping in a config "
+                "file. `memtrain list NAME` lists NAME's options, types and defaults. Each option once; values are "
+                "range-checked now."})
     print_param_groups: bool = field(
         default=False, metadata={"help": "Print the resolved parameter routing (role, method, lr, wd per group)."}
     )
