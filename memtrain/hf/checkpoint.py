@@ -134,8 +134,9 @@ def _present(directory: Path, name: str) -> bool:
     return (path.is_file() and path.stat().st_size > 0) or (path.is_dir() and any(path.iterdir()))
 
 
-def _rng_files(directory: Path, args) -> list[str]:
-    return ["rng_state.pth"] if args.world_size <= 1 else [f"rng_state_{args.process_index}.pth"]
+def _rng_name(args) -> str:
+    """HF's name for this process's RNG state."""
+    return "rng_state.pth" if args.world_size <= 1 else f"rng_state_{args.process_index}.pth"
 
 
 def check_files(checkpoint: str, args, record: dict | None) -> None:
@@ -163,7 +164,7 @@ def check_files(checkpoint: str, args, record: dict | None) -> None:
     if fresh or args.save_only_model:
         return
     needed = [("optimizer state", OPTIMIZER_FILES), ("lr scheduler state", (SCHEDULER_FILE,)),
-              ("RNG state", tuple(_rng_files(directory, args)))]
+              ("RNG state", (_rng_name(args),))]
     if getattr(args, "deepspeed", None):
         needed = needed[2:]  # DeepSpeed keeps optimizer and scheduler in its global_step*/ directory
     for label, names in needed:
@@ -226,8 +227,8 @@ def check_layout(checkpoint: str, record: dict | None, optimizer) -> None:
         return
     now = group_layout(optimizer)
     if now != record["groups"]:
-        first = next((i for i, (a, b) in enumerate(zip(record["groups"], now)) if a != b), min(len(now),
-                                                                                                len(record["groups"])))
+        first = next((i for i, (a, b) in enumerate(zip(record["groups"], now)) if a != b),
+                     min(len(now), len(record["groups"])))
         saved = record["groups"][first] if first < len(record["groups"]) else None
         new = now[first] if first < len(now) else None
         raise ResumeError(f"checkpoint {checkpoint}: the parameter groups differ from the checkpoint's (routing "
@@ -239,8 +240,8 @@ def check_layout(checkpoint: str, record: dict | None, optimizer) -> None:
 def _brief(group: dict | None) -> str:
     if group is None:
         return "none"
-    names = group["names"]
-    return f"{group['role']}/{group['method']} with {group['params']} parameters ({', '.join(names[:2])}{', …' if len(names) > 2 else ''})"
+    names = ", ".join(group["names"][:2]) + (", …" if len(group["names"]) > 2 else "")
+    return f"{group['role']}/{group['method']} with {group['params']} parameters ({names})"
 
 
 def snapshot_groups(optimizer, name: str) -> list[dict]:
@@ -293,7 +294,7 @@ def loading(checkpoint: str, what: str, fresh: str):
 
 
 def rng_file(checkpoint: str, args) -> Path:
-    return Path(checkpoint) / _rng_files(Path(checkpoint), args)[0]
+    return Path(checkpoint) / _rng_name(args)
 
 
 def resolve_checkpoint(resume_from_checkpoint, output_dir: str) -> str | None:

@@ -167,7 +167,8 @@ class Trainer(transformers.Trainer):
             dist.barrier()  # every rank's files (RNG, DCP shards) are written before they are hashed
         if self.args.should_save:
             run_dir = self._get_output_dir(trial=trial)
-            folder = os.path.join(run_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            prefix = transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
+            folder = os.path.join(run_dir, f"{prefix}-{self.state.global_step}")
             ckpt.write_run_record(self, folder)
 
     def _load_optimizer_and_scheduler(self, checkpoint):

@@ -38,7 +38,8 @@ def _unique_keys(path: Path):
         keys = [k for k, _ in items]
         repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
         if repeated:
-            raise ValueError(f"config file {str(path)!r} gives {', '.join(repeated)} more than once; give each key once")
+            raise ValueError(f"config file {str(path)!r} gives {', '.join(repeated)} more than once; give each key "
+                             "once")
         return dict(items)
     return pairs
 

@@ -72,7 +72,8 @@ REFUSED = [
      r"projector: 'svd' -> 'randomized'"),
     ("adamw", {"optim": "adamw", "layerwise": True, "max_grad_norm": 0.0}, None, r"layerwise: False -> True"),
     ("adamw", {"optim": "adamw", "optim_target_modules": ["q_proj"]}, None, r"target_modules: None -> \['q_proj'\]"),
-    ("adamw", {"optim": "adamw"}, "freeze_embedding", r"the parameter groups differ .* group 0: saved embedding/adamw with 1 parameters"),
+    ("adamw", {"optim": "adamw"}, "freeze_embedding",
+     r"the parameter groups differ .* group 0: saved embedding/adamw with 1 parameters"),
 ]
 
 

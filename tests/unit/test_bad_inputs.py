@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 import memtrain
 from memtrain.hf import MemtrainOptimizerFactory
@@ -39,7 +38,8 @@ PARSE_ERRORS = [
     ({"optim": "swan", "optim_args": "norm_dim=2"}, ValueError, r"norm_dim must be 1 .* or 0"),
     ({"optim": "swan", "optim_args": "adam_lr=-0.1"}, ValueError, r"adam_lr must be >= 0"),
     ({"optim": "adam4bit", "optim_args": "block_size=0"}, ValueError, r"block_size must be an even int >= 2"),
-    ({"optim": "adamw", "optim_args": "layerwise_clip=-1"}, ValueError, r"layerwise_clip=-1.0 .* must be a number >= 0"),
+    ({"optim": "adamw", "optim_args": "layerwise_clip=-1"}, ValueError,
+     r"layerwise_clip=-1.0 .* must be a number >= 0"),
     ({"optim": "galore", "optim_args": "rank=4,rank=8"}, ValueError, r"gives rank more than once"),
     ({"optim": "galore", "optim_args": "rank=4, update_proj_gap=2,rank=4"}, ValueError, r"gives rank more than once"),
     ({"optim": "galore", "optim_args": "rank"}, ValueError, r"must look like key=value"),
