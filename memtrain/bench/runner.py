@@ -73,8 +73,10 @@ class Job:
     steps: int | None = None
 
     def argv(self) -> list[str]:
+        # the benchmark owns its run directories: a training job may replace what an earlier attempt left there
+        owned = ["--overwrite_output_dir", "true"] if self.subcommand[0] in ("pretrain", "finetune") else []
         return [*launcher(*self.subcommand, engine=self.engine, ranks=self.ranks), *self.args,
-                "--output_dir", str(self.out)]
+                "--output_dir", str(self.out), *owned]
 
     def key(self) -> str:
         """Hash of what decides the result: subcommand, flags, engine, ranks, environment and the modification

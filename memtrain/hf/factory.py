@@ -37,6 +37,7 @@ class MemtrainOptimizerFactory:
     def __call__(self, model: torch.nn.Module, *, name: str, lr: float, weight_decay: float,
                  print_param_groups: bool = False, **options):
         optimizer = registry.build_optimizer(model, name, lr=lr, weight_decay=weight_decay, **options)
+        registry.check_options_for_model(name, options, optimizer.param_groups)  # e.g. a rank above every min(m, n)
         if isinstance(optimizer, LayerwiseOptimizer):
             # HF's Trainer marks the last micro-batch of each accumulation window in accelerate's (shared)
             # gradient state before that micro-batch's backward; the hooks step only then.
@@ -60,11 +61,12 @@ def optimizer_factory(name: str, *, lr: float, weight_decay: float = 0.0, optim_
     here: give the values of your TrainingArguments (the Trainer's lr schedule multiplies this lr).
     Options are validated now, so a typo fails before training starts.
     """
-    options = {**registry.parse_optim_args(name, optim_args), **options}
+    options = {**registry.parse_optim_args(name, registry.normalize_optim_args(optim_args)), **options}
     spec = registry.get_spec(name)
     build_args = ("target_modules", "rules")  # routing arguments of build_optimizer, not optimizer options
     registry.validate_options(name, {**spec.defaults, **{k: v for k, v in options.items() if k not in build_args},
                                      "lr": lr, "weight_decay": weight_decay})
+    registry.check_option_values(name, options, lr=lr, weight_decay=weight_decay)  # ranges, before any training
     return MemtrainOptimizerFactory, {"name": name, "lr": lr, "weight_decay": weight_decay, **options}
 
 

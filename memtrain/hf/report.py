@@ -3,6 +3,7 @@ token-weighted eval perplexity, as a ``TrainerCallback``."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any
@@ -117,10 +118,32 @@ class ReportCallback(TrainerCallback):
         if args.should_save or _is_main_process():
             os.makedirs(args.output_dir, exist_ok=True)
             path = os.path.join(args.output_dir, "report.json")
-            with open(path, "w") as f:
-                json.dump(report, f, indent=2, default=str)
+            write_json(path, report)
             print(format_report(report) + f"\nreport written to {path}", flush=True)
         return report
+
+
+def strict_json(value, path: str = "", found: list | None = None):
+    """``value`` with every NaN/Inf float replaced by None, and the list of their dotted paths: report.json is
+    strict JSON (a bare NaN is rejected by most parsers), and the ``nonfinite`` field says which values were
+    NaN/Inf rather than absent (docs/nonfinite.md)."""
+    found = [] if found is None else found
+    if isinstance(value, float) and not math.isfinite(value):
+        found.append(path)
+        return None, found
+    if isinstance(value, dict):
+        return {k: strict_json(v, f"{path}.{k}" if path else str(k), found)[0] for k, v in value.items()}, found
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v, f"{path}[{i}]", found)[0] for i, v in enumerate(value)], found
+    return value, found
+
+
+def write_json(path, report: dict) -> None:
+    """Write a report as strict JSON, with ``nonfinite`` listing the values that were NaN/Inf."""
+    clean, nonfinite = strict_json(report)
+    clean["nonfinite"] = nonfinite
+    with open(path, "w") as f:
+        json.dump(clean, f, indent=2, default=str, allow_nan=False)
 
 
 def _gather_ints(values: list[int], device) -> list[list[int]]:

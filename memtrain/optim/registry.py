@@ -331,3 +331,115 @@ def build_optimizer(model_or_params, name: str, *, lr: float, weight_decay: floa
 
         return LayerwiseOptimizer(optimizer, clip=layerwise_clip)
     return optimizer
+
+
+# -- option values: forms, duplicates, ranges, resumability (docs/registry-and-routing.md "Checked options") ----
+#: Options that may change when a run resumes from a checkpoint: they shape no optimizer state, so the new value
+#: is applied to the restored param groups (docs/resume.md). Every other option must match the checkpoint.
+#: ``lr`` follows the new --learning_rate (its schedule is rescaled); trainer-level settings (lr schedule, warm-up,
+#: max_grad_norm, batch size, max_steps) always come from the new arguments.
+RESUMABLE_COMMON = frozenset({"lr", "adam_lr", "weight_decay", "betas", "eps", "layerwise_clip"})
+RESUMABLE: dict[str, frozenset] = {
+    "adafactor": frozenset({"eps1", "eps2", "clip_threshold", "decay_rate"}),
+    "galore": frozenset({"scale", "update_proj_gap"}),
+    "fira": frozenset({"alpha", "gamma", "update_proj_gap"}),
+    "scale": frozenset({"momentum", "norm_eps"}),
+    "sinkgd": frozenset({"iterations", "norm_eps"}),
+    "swan": frozenset({"ns_steps", "damping", "row_eps", "fp32_whitening", "norm_dim"}),  # stateless on matrices
+}
+
+
+def resumable_options(name: str) -> frozenset:
+    """The options of ``name`` that a resumed run may change (HF optimizers: the common ones)."""
+    return RESUMABLE_COMMON | RESUMABLE.get(name, frozenset())
+
+
+def _format_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return ":".join(_format_value(v) for v in value)
+    return str(value)
+
+
+def normalize_optim_args(value) -> str | None:
+    """``optim_args`` in any form a user writes it, as the canonical ``"k=v,k=v"`` string.
+
+    Accepted: ``None``/empty, a ``"k=v,k=v"`` string, a JSON object string (``'{"rank": 8}'``), or a mapping
+    (YAML/JSON config files, a Python dict in ``TrainingArguments``); tuple values as lists or ``a:b``. A key given
+    twice is refused (the last one used to win silently)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().startswith("{"):
+        import json
+
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"optim_args {value!r} starts with '{{' but is not a JSON object: {e}") from None
+    if isinstance(value, Mapping):
+        for key in value:
+            if not isinstance(key, str):
+                raise ValueError(f"optim_args keys must be option names (strings), got {key!r}")
+        return ",".join(f"{k}={_format_value(v)}" for k, v in value.items()) or None
+    if not isinstance(value, str):
+        raise TypeError(f"optim_args must be a 'k=v,k=v' string or a mapping of option names to values, got "
+                        f"{type(value).__name__} {value!r}")
+    keys = [item.split("=", 1)[0].strip() for item in value.split(",") if item.strip()]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"optim_args {value!r} gives {', '.join(repeated)} more than once; give each option once")
+    return value.strip() or None
+
+
+def check_option_values(name: str, options: Mapping[str, Any], *, lr: float, weight_decay: float = 0.0) -> None:
+    """Refuse out-of-range option values at argument-parsing time, with the valid range.
+
+    The optimizer class is the one source of its constraints (rank >= 1, betas in [0, 1), lr >= 0, …): it is
+    built here on a 2×2 probe parameter, which runs every check of its constructor and creates no state (state is
+    lazy). Checks that need the model (e.g. a GaLore rank against the matrix sizes) run at build time
+    (:func:`check_options_for_model`)."""
+    import torch
+
+    spec = get_spec(name)
+    own = {k: v for k, v in options.items() if k not in UNIVERSAL_OPTIONS and k not in ("target_modules", "rules")}
+    clip = options.get("layerwise_clip", 0.0)
+    if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not clip >= 0:
+        raise ValueError(f"option layerwise_clip={clip!r} for optimizer {name}: must be a number >= 0 (0: no clipping)")
+    probe = [{"params": [nn.Parameter(torch.zeros(2, 2))], "role": "matrix", "names": ["probe"]}]
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            spec.cls(probe, **{**spec.defaults, **own, "lr": lr, "weight_decay": weight_decay})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"optimizer {name}: {e} (`memtrain list {name}` shows its options and defaults)") from None
+
+
+def check_options_for_model(name: str, options: Mapping[str, Any], param_groups) -> None:
+    """Checks that need the routed model. A projection ``rank`` at or above min(m, n) of every projected matrix
+    projects nothing and keeps more state than AdamW: refused with the useful range; clipped on some matrices
+    only: a warning naming them."""
+    rank = options.get("rank", get_spec(name).defaults.get("rank"))
+    if "rank" not in get_spec(name).options() or rank is None:
+        return
+    shapes = [(n, tuple(p.shape)) for g in param_groups if g.get("role") == "matrix" and g.get("method") == name
+              for n, p in zip(g.get("names", [""] * len(g["params"])), g["params"]) if p.dim() >= 2]
+    if not shapes:
+        return
+    clipped = [(n, s) for n, s in shapes if rank >= min(s[0], s[-1])]
+    largest = max(min(s[0], s[-1]) for _, s in shapes)
+    if len(clipped) == len(shapes):
+        raise ValueError(f"optimizer {name}: rank={rank} is at least min(m, n) of every projected matrix (largest "
+                         f"min(m, n) = {largest}), so nothing is projected and the state would exceed AdamW's; use "
+                         f"1 <= rank < {largest}")
+    if clipped:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s: rank=%d >= min(m, n) of %d of %d projected matrices (%s%s): they are projected onto their full "
+            "space", name, rank, len(clipped), len(shapes), ", ".join(f"{n} {s}" for n, s in clipped[:3]),
+            ", …" if len(clipped) > 3 else "")

@@ -354,7 +354,8 @@ def standardize(g: Tensor, dim: int = 1, eps: float = 1e-8, rel_tol: float = 1e-
     """SWAN's GradNorm (swan.md §2.1): subtract the mean over ``dim`` and divide by the population std.
 
     A slice whose std is at most ``max(eps, rel_tol·RMS)`` is constant (or zero) up to fp32 centering noise and
-    becomes exactly 0; dividing by that noise would blow it up to unit RMS and break scale invariance.
+    becomes exactly 0; dividing by that noise would blow it up to unit RMS and break scale invariance. A slice
+    holding NaN/Inf becomes NaN (never 0), as the non-finite policy says (docs/nonfinite.md).
     ``dim=1`` (rows, the default) is local under FSDP2's row sharding; ``dim=0`` takes its three column
     statistics from ``column_mean`` (``distributed.Rows.column_mean`` all-reduces them)."""
     def mean(t: Tensor) -> Tensor:
@@ -363,7 +364,9 @@ def standardize(g: Tensor, dim: int = 1, eps: float = 1e-8, rel_tol: float = 1e-
     x = g - mean(g)
     sigma = mean(x.square()).sqrt_()
     rms = mean(g.square()).sqrt_()
-    keep = sigma > (rms * rel_tol).clamp_(min=eps)
+    # Written as "not constant" so that a NaN/Inf std (a non-finite entry) is kept and propagates like torch's
+    # optimizers; "sigma > floor" is False for NaN and zeroed the row silently (docs/nonfinite.md).
+    keep = ~(sigma <= (rms * rel_tol).clamp_(min=eps))
     return torch.where(keep, x / torch.where(keep, sigma, torch.ones_like(sigma)), torch.zeros_like(x))
 
 

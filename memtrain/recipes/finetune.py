@@ -24,10 +24,12 @@ from .. import adapters
 from ..hf.engines import enable_cpu_engines, end_process_group
 from ..optim import format_optimizers
 from . import data as data_lib
-from .arguments import parse_args
+from .arguments import check_output_dir, check_run_arguments, check_tokenizer_dir, parse_args, wants_list_optimizers
 from ..hf import Trainer, TrainingArguments, optimizer_kwargs_from_args
 from ..hf.factory import _optim_name
-from .models import build_model
+from ..hf.report import write_json
+from ..hf.trainer import FinalEvalError
+from .models import build_model, get_model_config
 from ..optim import registry
 from .pretrain import DTYPES
 
@@ -168,6 +170,15 @@ def run(fargs: FinetuneArguments, args: TrainingArguments) -> dict:
         raise ValueError(f"--optim {_optim_name(args.optim)!r}: adapters need a memtrain optimizer; choose one of "
                          f"{', '.join(registry.optimizer_names())}")
     options = adapters.parse_adapter_args(fargs.adapter, fargs.adapter_args) if fargs.adapter != "full" else {}
+    if not Path(fargs.model_name_or_path).is_dir():
+        raise ValueError(f"--model_name_or_path {fargs.model_name_or_path!r} is not a directory: give a model saved "
+                         "by memtrain pretrain or save_pretrained")
+    check_run_arguments(args, seq_len=fargs.seq_len, max_eval_samples=fargs.max_eval_samples,
+                        max_train_samples=fargs.max_train_samples, config=get_model_config(fargs.model_name_or_path),
+                        model=fargs.model_name_or_path)
+    check_tokenizer_dir(fargs.tokenizer or fargs.model_name_or_path,
+                        "--tokenizer" if fargs.tokenizer else "--model_name_or_path (no --tokenizer given)")
+    check_output_dir(args)
     transformers.set_seed(args.seed)
     with args.main_process_first(desc="dataset cache"):
         lm = data_lib.build_lm_data(
@@ -187,7 +198,12 @@ def run(fargs: FinetuneArguments, args: TrainingArguments) -> dict:
                       optimizer_cls_and_kwargs=factory)
     check_engine(trainer, fargs.adapter, options)
     before = trainer.evaluate() if fargs.eval_before_training and len(lm.eval) else {}
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    except FinalEvalError:
+        if trainer.is_world_process_zero():  # training completed: keep the adapter/model, then fail
+            trainer.save_model(args.output_dir)
+        raise
     report = dict(trainer.report_callback.last_report or {})
     out = Path(args.output_dir)
     if trainer.is_world_process_zero():
@@ -205,8 +221,7 @@ def run(fargs: FinetuneArguments, args: TrainingArguments) -> dict:
             merged.save_pretrained(merged_dir)
             lm.tokenizer.save_pretrained(merged_dir)
             report["merged_model_dir"] = str(merged_dir)
-        with open(out / "report.json", "w") as f:
-            json.dump(report, f, indent=2, default=str)
+        write_json(out / "report.json", report)
         print(f"adapter {fargs.adapter}: {report.get('trainable_parameters'):,} trainable parameters, adapter file "
               f"{report.get('adapter_bytes')} B; eval perplexity {report.get('eval_perplexity_before')} -> "
               f"{report.get('eval_perplexity')}", flush=True)
@@ -223,11 +238,14 @@ def load_finetuned(model_dir: str, adapter_dir: str, dtype=torch.float32):
 def main(argv=None) -> dict | list | None:
     """``memtrain finetune`` (and ``scripts/finetune.py``); with ``--benchmark`` entries, the fine-tuning benchmark."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--list_optimizers" in argv:
+    if wants_list_optimizers(argv):
         print(format_optimizers())
         return None
     enable_cpu_engines()  # CPU: make accelerate's FSDP/DeepSpeed configs real (memtrain/hf/engines.py)
     fargs, args = parse_args((FinetuneArguments, TrainingArguments), FINETUNE_DEFAULTS, argv)
+    if fargs.list_optimizers:  # set in a config file
+        print(format_optimizers())
+        return None
     if fargs.benchmark:
         from ..bench.finetune import benchmark
 

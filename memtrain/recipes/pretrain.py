@@ -16,8 +16,9 @@ from transformers.integrations import is_tensorboard_available
 from ..hf.engines import enable_cpu_engines, end_process_group
 from ..optim import format_optimizers
 from . import data as data_lib
-from .arguments import parse_args
+from .arguments import check_output_dir, check_run_arguments, parse_args, wants_list_optimizers
 from ..hf import Trainer, TrainingArguments
+from ..hf.trainer import FinalEvalError
 from .models import DEFAULT_MODEL, build_model, get_model_config
 
 logger = logging.getLogger(__name__)
@@ -72,8 +73,12 @@ PRETRAIN_DEFAULTS = {
 
 def run(margs: ModelDataArguments, args: TrainingArguments) -> dict:
     """Build data, model and Trainer; train; evaluate; return the report."""
+    config = get_model_config(margs.model)
+    check_run_arguments(args, seq_len=margs.seq_len, max_eval_samples=margs.max_eval_samples,
+                        max_train_samples=margs.max_train_samples, config=config, model=margs.model)
+    check_output_dir(args)
     transformers.set_seed(args.seed)
-    vocab_size = margs.vocab_size or get_model_config(margs.model).vocab_size
+    vocab_size = margs.vocab_size or config.vocab_size
     with args.main_process_first(desc="corpus, tokenizer and dataset cache"):
         lm = data_lib.build_lm_data(
             margs.dataset, tokenizer=margs.tokenizer, seq_len=margs.seq_len, vocab_size=vocab_size,
@@ -91,7 +96,12 @@ def run(margs: ModelDataArguments, args: TrainingArguments) -> dict:
     )
     trainer = Trainer(model=model, args=args, train_dataset=lm.train, eval_dataset=lm.eval,
                       data_collator=default_data_collator, processing_class=tok)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    except FinalEvalError:
+        if margs.save_final_model:  # training completed: keep it, then fail
+            trainer.save_model(args.output_dir)
+        raise
     if margs.save_final_model:
         trainer.save_model(args.output_dir)
     return trainer.report_callback.last_report
@@ -100,11 +110,14 @@ def run(margs: ModelDataArguments, args: TrainingArguments) -> dict:
 def main(argv=None) -> dict | None:
     """``memtrain pretrain`` (and ``scripts/pretrain.py``): parse flags and config file, train, report."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--list_optimizers" in argv:
+    if wants_list_optimizers(argv):
         print(format_optimizers())
         return None
     enable_cpu_engines()  # CPU: make accelerate's FSDP/DeepSpeed configs real (memtrain/hf/engines.py)
     margs, args = parse_args((ModelDataArguments, TrainingArguments), PRETRAIN_DEFAULTS, argv)
+    if margs.list_optimizers:  # set in a config file
+        print(format_optimizers())
+        return None
     report = run(margs, args)
     end_process_group()  # on success only: after an error on one rank, a barrier would wait for the others
     return report
