@@ -1,34 +1,9 @@
-"""The baseline and the shared fallback path: bit-identical to torch.optim.AdamW(foreach=False) on fp32."""
-import copy
-
-import pytest
+"""The baseline and the shared fallback path. Bit-identity with torch.optim.AdamW(foreach=False) on fp32 is the
+table's reference run (tests/optim_table.py, test_matches_its_reference_on_tiny_llama[adamw-*])."""
 import torch
 
 import memtrain
 from memtrain.optim.transforms import adamw_t_
-
-from ..conftest import lm_batch, tiny_llama
-
-
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_adamw_equals_torch_adamw_bitwise(weight_decay):
-    ours_model = tiny_llama()
-    ref_model = copy.deepcopy(ours_model)
-    ours = memtrain.build_optimizer(ours_model, "adamw", lr=3e-3, weight_decay=weight_decay, betas=(0.8, 0.95),
-                                    eps=1e-7)
-    # Same per-parameter weight decay as our routing (none on vectors).
-    decay = [p for p in ref_model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in ref_model.parameters() if p.dim() < 2]
-    ref = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=3e-3, betas=(0.8, 0.95), eps=1e-7, foreach=False)
-    for step in range(8):
-        for m, o in ((ours_model, ours), (ref_model, ref)):
-            m(**lm_batch(step)).loss.backward()
-            o.step()
-            o.zero_grad()
-    for (name, a), b in zip(ours_model.named_parameters(), ref_model.parameters()):
-        assert torch.equal(a, b), name
 
 
 def test_bf16_parameters_get_fp32_math_rounded_once():
