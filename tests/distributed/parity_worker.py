@@ -20,16 +20,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import memtrain
 from memtrain.optim import sharding as distributed
 from memtrain.hf.metrics import optimizer_state_bytes, storage_bytes
+from tests.optim_table import BY_NAME
 
 STEPS, LR, GLOBAL_BATCH, LENGTH, VOCAB = 4, 3e-3, 8, 16, 64
-#: Options that make each method do its real work on this tiny model: a true low rank and a projector refresh
-#: inside the K steps (galore, fira); a threshold under the model's largest tensors (64×32, 48×32) so that
-#: adam4bit quantises them instead of keeping every tensor in fp32.
-OPTIONS = {
-    "galore": {"rank": 8, "update_proj_gap": 2},
-    "fira": {"rank": 8, "update_proj_gap": 2},
-    "adam4bit": {"threshold": 1024},
-}
+#: Options that make each method do its real work on this tiny model (the optimizer table's kwargs): a true low rank
+#: and a projector refresh inside the K steps (galore, fira); a threshold under the model's largest tensors (64×32,
+#: 48×32) so that adam4bit quantises them instead of keeping every tensor in fp32.
+OPTIONS = {name: BY_NAME[name].kwargs for name in ("galore", "fira", "adam4bit")}
 
 
 def tiny_llama():
