@@ -27,6 +27,7 @@ def run(cmd, **kw):
     return proc
 
 
+@pytest.mark.slow
 def test_pretrain_runs_end_to_end_and_writes_report(tmp_path):
     proc = run([sys.executable, "scripts/pretrain.py", "--optim", "adamw", "--output_dir", str(tmp_path), *QUICK,
                 "--save_final_model", "true"])
@@ -46,6 +47,7 @@ def test_pretrain_runs_end_to_end_and_writes_report(tmp_path):
     assert "memtrain report" in proc.stdout and "token-weighted" in proc.stdout
 
 
+@pytest.mark.slow
 def test_config_file_with_flag_override(tmp_path):
     proc = run([sys.executable, "scripts/pretrain.py", "configs/pretrain/tiny.yaml", "--output_dir", str(tmp_path),
                 *QUICK, "--max_steps", "2"])
@@ -54,6 +56,7 @@ def test_config_file_with_flag_override(tmp_path):
     assert report["global_steps"] == 2 and report["learning_rate"] == 0.001
 
 
+@pytest.mark.slow
 def test_accelerate_launch(tmp_path):
     proc = run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
                 "scripts/pretrain.py", "--optim", "adamw", "--output_dir", str(tmp_path), *QUICK])
@@ -61,6 +64,7 @@ def test_accelerate_launch(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["global_steps"] == 4
 
 
+@pytest.mark.slow
 def test_unknown_optimizer_and_config_key_fail_clearly(tmp_path):
     proc = run([sys.executable, "scripts/pretrain.py", "--optim", "adamz", "--output_dir", str(tmp_path)])
     assert proc.returncode != 0 and "unknown optimizer 'adamz'" in proc.stderr and "adamw_torch" in proc.stderr
@@ -70,6 +74,7 @@ def test_unknown_optimizer_and_config_key_fail_clearly(tmp_path):
     assert proc.returncode != 0 and "learning_rte" in proc.stderr
 
 
+@pytest.mark.slow
 def test_list_optimizers():
     proc = run([sys.executable, "scripts/pretrain.py", "--list_optimizers"])
     assert proc.returncode == 0 and "adamw" in proc.stdout and "baseline" in proc.stdout

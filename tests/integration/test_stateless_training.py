@@ -32,6 +32,7 @@ def small_llama(vocab):
                                         num_attention_heads=4, max_position_embeddings=128, use_cache=False))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_trains_like_a_plain_loop_through_the_trainer(name, lm_data, tmp_path):
     extra, lr, adam_lr = SETTINGS[name]

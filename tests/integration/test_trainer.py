@@ -124,6 +124,7 @@ def test_factory_requires_lr():
         optimizer_factory("adamw", lr=1e-3, foo=1)
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_reproduces_uninterrupted_run(tmp_path):
     data = pattern_dataset()
     straight = memtrain.Trainer(model=tiny_llama(), args=make_args(tmp_path / "a", optim="adamw", max_steps=6),

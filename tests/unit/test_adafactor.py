@@ -167,6 +167,7 @@ def test_flattened_shard_is_refused():
         opt.step()
 
 
+@pytest.mark.slow
 def test_trainer_optim_adafactor_is_ours_and_equals_hf_trainer(tmp_path):
     from datasets import Dataset
 

@@ -283,6 +283,7 @@ def test_weights_only_resume_is_bitwise_and_keeps_uint8_codes(dtype):
         assert torch.equal(a, b), n
 
 
+@pytest.mark.slow
 def test_tracks_fp32_adamw_on_tiny_llama_over_200_steps():
     """Final loss within 2% of fp32 AdamW after 200 steps on the embedded corpus, with every matrix quantised.
 

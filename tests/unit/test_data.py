@@ -350,6 +350,7 @@ def test_saved_tokenizer_path_is_honoured(tmp_path, small_texts):
         D.get_tokenizer("gpt2", [], 300)  # never goes to the Hub
 
 
+@pytest.mark.slow
 def test_concurrent_first_use_trains_once(tmp_path):
     """Two cold processes sharing a cache: one trains, the other waits and reuses."""
     script = textwrap.dedent(
@@ -506,6 +507,7 @@ def test_build_lm_data_with_saved_tokenizer(tiny_corpus, tmp_path, small_texts):
     assert not (tmp_path / "c" / "tokenizers").exists()
 
 
+@pytest.mark.slow
 def test_build_lm_data_shakespeare(tmp_cache_with_corpus, monkeypatch):
     monkeypatch.setattr(D.subprocess, "run", _fail_if_pip_runs)
     data = D.build_lm_data("shakespeare", seq_len=64, vocab_size=1024, cache_dir=tmp_cache_with_corpus, max_eval_samples=50)

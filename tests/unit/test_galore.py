@@ -317,7 +317,7 @@ def test_fira_zero_residual_does_not_freeze_the_limiter():
 
 # -- memory and resume ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", [GaLore, Fira])
-@pytest.mark.parametrize("shape,per_param", [((2048, 2048), 3.000), ((5461, 2048), 2.375)])
+@pytest.mark.parametrize("shape,per_param", [((2048, 2048), 3.000), pytest.param((5461, 2048), 2.375, marks=pytest.mark.slow)])
 def test_state_bytes_per_parameter(method, shape, per_param, monkeypatch):
     """4·(2r/d_s + r/d_l) B/param at r = 512 (Fira adds one 4-byte scalar). The solver is replaced by a cheap
     orthonormal basis: the bytes do not depend on which subspace is chosen."""
