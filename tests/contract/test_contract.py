@@ -1,11 +1,14 @@
-"""The contract every registered optimizer keeps (DESIGN.md, "Tests we want to see").
+"""The contract every registered optimizer keeps, iterated over the optimizer table (tests/optim_table.py).
 
-Table-driven over ``memtrain.optimizer_names()``: a new registration is tested here automatically, and must add
-its state-bytes formula to ``STATE_BYTES``.
+A new registration fails ``test_the_table_covers_every_registered_optimizer`` until it has a row: build kwargs, the
+state-bytes formula, its reference, capabilities and error inputs. Then every test here runs on it.
 """
+import copy
 import io
 import math
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,70 +17,19 @@ import memtrain
 from memtrain.hf.metrics import optimizer_state_bytes
 
 from ..conftest import lm_batch, tiny_llama
+from ..optim_table import BY_NAME, LR, OPTIMS
 
-NAMES = memtrain.optimizer_names()
-LR = 1e-3
-
-
-def _trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def _projected_bytes(model, rank=128, per_matrix_extra=0):
-    """GaLore/Fira at their default rank: per ``matrix`` weight [m, n] fp32 P (r·d_s) and moments (2·r·d_l),
-    r = min(rank, m, n), plus ``per_matrix_extra`` bytes; AdamW-HF's 8 B/param on every other role."""
-    total = 0
-    for route in memtrain.optim.route_parameters(model):
-        if route.role == "matrix":
-            r = min(rank, *route.param.shape)
-            total += 4 * (r * min(route.param.shape) + 2 * r * max(route.param.shape)) + per_matrix_extra
-        else:
-            total += 8 * route.param.numel()
-    return total
-
-
-#: name -> exact optimizer-state bytes after a step on ``model`` (all trainable parameters had gradients).
-STATE_BYTES = {
-    "adamw": lambda model: 8 * sum(p.numel() for p in _trainable(model)),
-    "galore": _projected_bytes,
-    "fira": lambda model: _projected_bytes(model, per_matrix_extra=4),  # + the 0-d limiter norm per matrix
-    # factored row + column statistics for ≥2-D tensors, a full second moment for 1-D ones (β1 = None)
-    "adafactor": lambda model: sum(4 * (p.shape[:-1].numel() + p.shape[:-2].numel() * p.shape[-1]) if p.dim() >= 2
-                                   else 4 * p.numel() for p in _trainable(model)),
-    # ≥ 4096 elements: packed 4-bit m and v (N/2 B each), B128 m scales, rank-1 v row/col maxima; else fp32 AdamW
-    "adam4bit": lambda model: sum(2 * (p.shape[0] * ((p.shape[1] + 1) // 2)) + 4 * p.shape[0] * -(-p.shape[1] // 128)
-                                  + 4 * (p.shape[0] + p.shape[1]) if p.numel() >= 4096 else 8 * p.numel()
-                                  for p in _trainable(model)),
-    # full fp32 m; v of [m, 1] for q/k/embedding/head, [1, n] for v/o/MLP (default rules), full v on vectors
-    "slimadam": lambda model: sum(
-        8 * p.numel() if p.dim() < 2
-        else 4 * p.numel() + 4 * (p.shape[1] if n.split(".")[-2] in ("v_proj", "o_proj", "gate_proj", "up_proj",
-                                                                        "down_proj") else p.shape[0])
-        for n, p in model.named_parameters() if p.requires_grad),
-    # swan, sinkgd: nothing on hidden matrices; fp32 AdamW-T moments on embedding, head and 1-D params.
-    "swan": lambda model: 8 * sum(p.numel() for p in _trainable(model) if p.dim() < 2 or any(
-        p is e.weight for e in (model.get_input_embeddings(), model.get_output_embeddings()))),
-    "sinkgd": lambda model: 8 * sum(p.numel() for p in _trainable(model) if p.dim() < 2 or any(
-        p is e.weight for e in (model.get_input_embeddings(), model.get_output_embeddings()))),
-    # apollo: fp32 P, moments (rank 128 never clipped: the random projection) and the 0-d limiter norm per matrix
-    "apollo": lambda model: sum(4 * (128 * min(r.param.shape) + 2 * 128 * max(r.param.shape)) + 4
-                                if r.role == "matrix" else 8 * r.param.numel()
-                                for r in memtrain.optim.route_parameters(model)),
-    "apollo_mini": lambda model: sum(4 * (min(r.param.shape) + 2 * max(r.param.shape)) + 4
-                                     if r.role == "matrix" else 8 * r.param.numel()
-                                     for r in memtrain.optim.route_parameters(model)),
-    # muon: one fp32 momentum buffer per hidden matrix; fp32 AdamW moments on embedding, head and 1-D params.
-    "muon": lambda model: sum(8 * p.numel() if p.dim() < 2 or any(
-        p is e.weight for e in (model.get_input_embeddings(), model.get_output_embeddings())) else 4 * p.numel()
-        for p in _trainable(model)),
-    # scale: fp32 momentum V×d on the head only; fp32 AdamW moments on 1-D params; nothing on matrices/embedding.
-    "scale": lambda model: 4 * model.get_output_embeddings().weight.numel()
-    + 8 * sum(p.numel() for p in _trainable(model) if p.dim() < 2),
-}
+NAMES = [info.name for info in OPTIMS]
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def _build(name, model, lr=LR, **kw):
-    return memtrain.build_optimizer(model, name, lr=lr, weight_decay=0.01, **kw)
+    return BY_NAME[name].build(model, lr=lr, **kw)
+
+
+def _build_lr0(name, model):
+    """Every learning rate 0, the separate fallback lr (``adam_lr``) included."""
+    return _build(name, model, lr=0.0, **{k: 0.0 for k in BY_NAME[name].kwargs if k == "adam_lr"})
 
 
 def _steps(model, opt, start, n):
@@ -87,8 +39,67 @@ def _steps(model, opt, start, n):
         opt.zero_grad(set_to_none=True)
 
 
-def test_every_optimizer_has_a_state_formula():
-    assert set(NAMES) <= set(STATE_BYTES), f"add state formulas for {sorted(set(NAMES) - set(STATE_BYTES))}"
+def test_the_table_covers_every_registered_optimizer():
+    registered = set(memtrain.optimizer_names())
+    assert registered - set(NAMES) == set(), f"add rows to tests/optim_table.py for {sorted(registered - set(NAMES))}"
+    assert set(NAMES) - registered == set(), f"rows for unregistered names {sorted(set(NAMES) - registered)}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_capabilities_are_what_the_table_says(name):
+    row = next(r for r in memtrain.list_optimizers() if r["name"] == name)
+    assert {k: row[k] for k in BY_NAME[name].capabilities} == BY_NAME[name].capabilities
+    assert set(row) == {"name", "description", *BY_NAME[name].capabilities}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_table_names_an_existing_reference_test(name):
+    path, test = BY_NAME[name].reference.test.split("::")
+    assert re.search(rf"^def {test}\(", (TESTS.parent / path).read_text(), re.M), BY_NAME[name].reference.test
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("name", [i.name for i in OPTIMS if i.reference.build is not None])
+def test_matches_its_reference_on_tiny_llama(name, weight_decay):
+    """4 steps (galore/fira refresh at steps 1 and 3) of real LM gradients at our weights, fed to both: the
+    optimizers alone are compared, every parameter to the table's tolerance (bitwise where it is 0)."""
+    info = BY_NAME[name]
+    model = tiny_llama()
+    reference_model = copy.deepcopy(model)
+    ours = info.build(model, weight_decay=weight_decay)
+    reference_step = info.reference.build(reference_model, ours)
+    for step in range(4):
+        model(**lm_batch(step)).loss.backward()
+        for a, b in zip(model.parameters(), reference_model.parameters()):
+            b.grad = a.grad.clone()
+        ours.step()
+        reference_step()
+        ours.zero_grad(set_to_none=True)
+        reference_model.zero_grad(set_to_none=True)
+    for (n, a), b in zip(model.named_parameters(), reference_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=info.reference.rtol, atol=info.reference.atol, msg=n)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, tiny_llama().model.layers[0].mlp.up_proj.weight)
+
+
+@pytest.mark.parametrize("name, bad", [(i.name, bad) for i in OPTIMS for bad in i.errors],
+                         ids=[f"{i.name}-{bad}" for i in OPTIMS for bad in i.errors])
+def test_error_inputs_fail_with_the_text_a_user_needs(name, bad):
+    model = tiny_llama()
+    with pytest.raises(bad.error, match=bad.match):
+        if bad.optim_args is not None:
+            memtrain.parse_optim_args(name, bad.optim_args)
+        else:
+            target = list(model.parameters()) if bad.on_params else model
+            memtrain.build_optimizer(target, name, **{"lr": LR, **bad.options})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_optimizer_refuses_unknown_options_listing_the_accepted_ones(name):
+    with pytest.raises(TypeError, match=f"unknown option 'nope' for optimizer {name}; accepted options: .*lr"):
+        memtrain.build_optimizer(tiny_llama(), name, lr=LR, nope=1)
+    with pytest.raises(ValueError, match=f"unknown option 'nope' for optimizer {name}; accepted options: "):
+        memtrain.parse_optim_args(name, "nope=1")
+    assert BY_NAME[name].errors, "give the row at least one method-specific bad input"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -97,7 +108,7 @@ def test_state_is_lazy_and_bytes_match_formula(name):
     opt = _build(name, model)
     assert len(opt.state) == 0 and optimizer_state_bytes(opt) == 0  # nothing before the first step()
     _steps(model, opt, 0, 2)
-    assert optimizer_state_bytes(opt) == STATE_BYTES[name](model)
+    assert optimizer_state_bytes(opt) == BY_NAME[name].state_bytes(model)
     for state in opt.state.values():
         for key, value in state.items():
             assert torch.is_tensor(value) or isinstance(value, (int, float, bool)), (key, type(value))
@@ -137,7 +148,7 @@ def test_zero_gradient_with_lr_zero_is_a_noop(name):
     for a, b in zip(model.parameters(), before):
         assert torch.equal(a, b)
     fresh_model = tiny_llama()
-    fresh = _build(name, fresh_model, lr=0.0)
+    fresh = _build_lr0(name, fresh_model)
     before = [p.detach().clone() for p in fresh_model.parameters()]
     for p in fresh_model.parameters():
         p.grad = torch.zeros_like(p)
@@ -168,7 +179,7 @@ def test_zero_gradient_step_builds_the_whole_state(name):
     trained = _build(name, model)
     _steps(model, trained, 0, 2)
     fresh_model = tiny_llama()
-    fresh = _build(name, fresh_model, lr=0.0)
+    fresh = _build_lr0(name, fresh_model)
     for p in fresh_model.parameters():
         p.grad = torch.zeros_like(p)
     with warnings.catch_warnings():

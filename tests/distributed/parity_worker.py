@@ -21,20 +21,16 @@ import memtrain
 from memtrain.hf.engines import end_process_group
 from memtrain.optim import sharding
 from memtrain.hf.metrics import optimizer_state_bytes, storage_bytes
+from tests.optim_table import BY_NAME
 
 STEPS, LR, GLOBAL_BATCH, LENGTH, VOCAB = 4, 3e-3, 8, 16, 64
-#: Options that make each method do its real work on this tiny model: a true low rank and a projector refresh
-#: inside the K steps (galore, fira); a threshold under the model's largest tensors (64×32, 48×32) so that
-#: adam4bit quantises them instead of keeping every tensor in fp32; muon orthogonalises in fp32 (in bf16, its
-#: default, the last-bit differences of an averaged gradient become bf16 roundings of 4e-3: measured 2.5e-3).
-OPTIONS = {
-    "muon": {"ns_dtype": "float32"},
-    "galore": {"rank": 8, "update_proj_gap": 2},
-    "apollo": {"rank": 8, "update_proj_gap": 2},
-    "apollo_mini": {"update_proj_gap": 2},
-    "fira": {"rank": 8, "update_proj_gap": 2},
-    "adam4bit": {"threshold": 1024},
-}
+#: Options that make each method do its real work on this tiny model (the optimizer table's kwargs): a true low rank
+#: and a projector refresh inside the K steps (galore, fira, apollo); a threshold under the model's largest tensors
+#: (64×32, 48×32) so that adam4bit quantises them instead of keeping every tensor in fp32. muon orthogonalises in
+#: fp32 here: in bf16 (its default) the last-bit differences of an averaged gradient become bf16 roundings (measured
+#: 2.5e-3), the bf16 noise floor rather than a distributed error.
+OPTIONS = {name: BY_NAME[name].kwargs for name in ("galore", "fira", "adam4bit", "apollo", "apollo_mini")}
+OPTIONS["muon"] = {"ns_dtype": "float32"}
 
 
 def tiny_llama():

@@ -6,6 +6,8 @@ import pytest
 from .adapter_worker import CASES
 from .launch import tail, torchrun
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):

@@ -14,6 +14,8 @@ from memtrain.configs import ACCELERATE
 
 from .launch import QUICK, accelerate_launch, trainer_runs
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 ZERO = [n for n in optimizer_names() if get_spec(n).deepspeed]
 REFUSED = [n for n in optimizer_names() if not get_spec(n).deepspeed]
 #: ZeRO hands adam4bit flat partitions: its 4-bit blocks follow the partition and the rank-1 second moment falls

@@ -14,6 +14,8 @@ from memtrain.optim.registry import get_spec, optimizer_names
 
 from .launch import trainer_runs
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 FSDP2 = [n for n in optimizer_names() if get_spec(n).fsdp2]
 #: Layer-wise release through the Trainer (a matrix method and an elementwise one), each with its reference: the
 #: same run without layer-wise release, both with accumulation 2 and max_grad_norm 0 (trainer_resume_worker.py).

@@ -12,6 +12,8 @@ import memtrain
 
 from .launch import tail, torchrun
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -9,6 +9,8 @@ import memtrain
 
 from .launch import tail, torchrun
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 NAMES = memtrain.optimizer_names()
 
 

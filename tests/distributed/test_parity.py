@@ -8,6 +8,8 @@ from memtrain.optim.registry import get_spec
 
 from .launch import tail, torchrun
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 NAMES = memtrain.optimizer_names()
 
 

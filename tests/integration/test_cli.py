@@ -1,15 +1,21 @@
 """scripts/pretrain.py end to end (plain python, config file, accelerate launch) and the benchmarks' parts."""
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 from memtrain.bench.engines import _cell
 from memtrain.bench.optimizers import Entry
 from memtrain.bench.runner import first_error
+from memtrain.recipes.data import build_lm_data
+from memtrain.recipes.models import get_model_config
+
+from .reference_run import token_weighted_loss
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK = ["--max_steps", "4", "--max_train_samples", "64", "--max_eval_samples", "8", "--logging_steps", "2",
@@ -22,18 +28,27 @@ def run(cmd, **kw):
     return proc
 
 
+@pytest.mark.slow
 def test_pretrain_runs_end_to_end_and_writes_report(tmp_path):
-    proc = run([sys.executable, "scripts/pretrain.py", "--optim", "adamw", "--output_dir", str(tmp_path), *QUICK])
+    proc = run([sys.executable, "scripts/pretrain.py", "--optim", "adamw", "--output_dir", str(tmp_path), *QUICK,
+                "--save_final_model", "true"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["optimizer"] == "adamw" and report["global_steps"] == 4
     assert report["optimizer_state_bytes"] == 8 * report["trainable_parameters"]
     assert report["train_tokens"] == 4 * 4 * 128
-    assert report["eval_tokens"] == 8 * 127
-    assert report["eval_perplexity"] > 1 and report["tokens_per_second"] > 0
+    assert report["tokens_per_second"] == pytest.approx(report["train_tokens"] / report["train_runtime_s"], rel=1e-3)
+    # The report's eval loss is the saved model's token-weighted NLL over the same 8 eval blocks, computed here.
+    data = build_lm_data(seq_len=128, vocab_size=get_model_config("llama-tiny").vocab_size, max_eval_samples=8)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    eval_loss, eval_tokens = token_weighted_loss(model, data.eval)
+    assert report["eval_tokens"] == eval_tokens == 8 * 127
+    assert report["eval_loss"] == pytest.approx(eval_loss, rel=1e-5)
+    assert report["eval_perplexity"] == pytest.approx(math.exp(eval_loss), rel=1e-5)
     assert "memtrain report" in proc.stdout and "token-weighted" in proc.stdout
 
 
+@pytest.mark.slow
 def test_config_file_with_flag_override(tmp_path):
     proc = run([sys.executable, "scripts/pretrain.py", "configs/pretrain/tiny.yaml", "--output_dir", str(tmp_path),
                 *QUICK, "--max_steps", "2"])
@@ -42,6 +57,7 @@ def test_config_file_with_flag_override(tmp_path):
     assert report["global_steps"] == 2 and report["learning_rate"] == 0.001
 
 
+@pytest.mark.slow
 def test_accelerate_launch(tmp_path):
     proc = run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
                 "scripts/pretrain.py", "--optim", "adamw", "--output_dir", str(tmp_path), *QUICK])
@@ -49,6 +65,7 @@ def test_accelerate_launch(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["global_steps"] == 4
 
 
+@pytest.mark.slow
 def test_unknown_optimizer_and_config_key_fail_clearly(tmp_path):
     proc = run([sys.executable, "scripts/pretrain.py", "--optim", "adamz", "--output_dir", str(tmp_path)])
     assert proc.returncode != 0 and "unknown optimizer 'adamz'" in proc.stderr and "adamw_torch" in proc.stderr
@@ -58,6 +75,7 @@ def test_unknown_optimizer_and_config_key_fail_clearly(tmp_path):
     assert proc.returncode != 0 and "learning_rte" in proc.stderr
 
 
+@pytest.mark.slow
 def test_list_optimizers():
     proc = run([sys.executable, "scripts/pretrain.py", "--list_optimizers"])
     assert proc.returncode == 0 and "adamw" in proc.stdout and "baseline" in proc.stdout

@@ -9,9 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from memtrain.recipes.data import build_lm_data
 from memtrain.recipes.finetune import load_finetuned
 
 from .finetune_text import TEXT
+from .reference_run import token_weighted_loss
+
+pytestmark = pytest.mark.slow  # every test fine-tunes a model pretrained by the module fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 MICRO = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
@@ -53,7 +57,11 @@ def finetune(workdir, out, adapter, *extra):
 def test_finetune_lowers_perplexity_saves_and_merges(workdir, tmp_path, adapter):
     report = finetune(workdir, tmp_path, adapter, "--merge")
     assert report["adapter"] == adapter
-    assert report["eval_perplexity"] < 0.99 * report["eval_perplexity_before"], report
+    # The report's held-out losses are the base's and the saved adapter model's token-weighted NLL, computed here.
+    held_out = build_lm_data(str(workdir / "lighthouse.txt"), tokenizer=str(workdir / "base"), seq_len=32,
+                             val_fraction=0.2).eval
+    base = AutoModelForCausalLM.from_pretrained(workdir / "base", local_files_only=True)
+    assert report["eval_loss_before"] == pytest.approx(token_weighted_loss(base, held_out)[0], rel=1e-5)
     trainable = report["trainable_parameters"]
     assert 0 < trainable < report["parameters"] // 10
     assert report["adapter_parameters"] == trainable and report["adapter_bytes"] > 4 * trainable
@@ -64,6 +72,9 @@ def test_finetune_lowers_perplexity_saves_and_merges(workdir, tmp_path, adapter)
     # the saved adapter reloads (custom module re-registered) and the merged plain model matches it
     ids = torch.arange(24).reshape(2, 12) * 37 % 4096
     adapted = load_finetuned(str(workdir / "base"), str(tmp_path)).eval()
+    eval_loss, eval_tokens = token_weighted_loss(adapted, held_out)
+    assert report["eval_loss"] == pytest.approx(eval_loss, rel=1e-5) and report["eval_tokens"] == eval_tokens
+    assert report["eval_loss"] < report["eval_loss_before"] - 0.01, report  # and fine-tuning lowered it
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5, rtol=0)

@@ -1,5 +1,7 @@
 """memtrain's TrainingArguments/Trainer with memtrain and HF optimizer names, the factory route, resume."""
+import copy
 import json
+import math
 import os
 
 import pytest
@@ -12,6 +14,7 @@ import memtrain
 from memtrain.hf import optimizer_factory
 
 from ..conftest import VOCAB, tiny_llama
+from .reference_run import Recorder, assert_same_parameters, linear_decay, plain_training, token_weighted_loss
 
 
 def pattern_dataset(n=64, length=16, seed=0):
@@ -31,24 +34,43 @@ def make_args(tmp_path, **kw):
     return memtrain.TrainingArguments(**base)
 
 
-def test_memtrain_name_trains_loss_down_and_writes_report(tmp_path):
+def test_memtrain_name_trains_like_a_plain_loop_and_writes_report(tmp_path):
+    """12 Trainer steps equal the same batches through a plain loop with torch.optim.AdamW (linear decay, clipping
+    at 1.0); the report's numbers equal independent computations."""
     args = make_args(tmp_path, optim="adamw", optim_args="betas=0.9:0.99")
-    data = pattern_dataset()
-    trainer = memtrain.Trainer(model=tiny_llama(), args=args, train_dataset=data, eval_dataset=pattern_dataset(16, seed=1))
+    data, recorder = pattern_dataset(), Recorder()
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    eval_data = pattern_dataset(16, seed=1)
+    trainer = memtrain.Trainer(model=model, args=args, train_dataset=data, eval_dataset=eval_data,
+                               data_collator=recorder)
     before = trainer.evaluate()["eval_loss"]
+    assert before == pytest.approx(token_weighted_loss(reference, eval_data)[0], rel=1e-5)
+    recorder.batches.clear()
     trainer.train()
     assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
                       memtrain.optim.MemtrainOptimizer)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert losses[-1] < losses[0]
+    ref_losses = plain_training(reference, recorder.batches[:12],
+                                torch.optim.AdamW(reference.parameters(), lr=5e-3, betas=(0.9, 0.99), weight_decay=0.0,
+                                                  foreach=False), linear_decay(12))
+    assert_same_parameters(trainer.model, reference)
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]  # the mean over each 4 logged steps
+    assert logged == pytest.approx([sum(ref_losses[i:i + 4]) / 4 for i in (0, 4, 8)], rel=1e-5)
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["eval_loss"] < before - 0.1
+    eval_loss, eval_tokens = token_weighted_loss(reference, eval_data)
+    assert report["eval_loss"] == pytest.approx(eval_loss, rel=1e-5)
+    assert report["eval_perplexity"] == pytest.approx(math.exp(eval_loss), rel=1e-5)
+    assert report["eval_tokens"] == eval_tokens == 16 * 15
     assert report["optimizer"] == "adamw" and report["optim_args"] == {"betas": [0.9, 0.99]}
     assert report["optimizer_state_bytes"] == 8 * report["trainable_parameters"]
     assert report["optimizer_state_bytes_per_trainable_parameter"] == 8.0
     assert report["train_tokens"] == 12 * 8 * 16
-    assert report["eval_tokens"] == 16 * 15
-    assert report["peak_memory_bytes"] > 0 and report["tokens_per_second"] > 0
+    assert report["tokens_per_second"] == pytest.approx(report["train_tokens"] / report["train_runtime_s"], rel=1e-3)
+    # the peak holds at least the weights, their gradients and the optimizer state
+    assert report["peak_memory_kind"] == "cpu_peak_rss"
+    assert report["weight_bytes"] == report["gradient_bytes"] == 4 * report["trainable_parameters"]
+    assert report["peak_memory_bytes"] >= (report["weight_bytes"] + report["gradient_bytes"]
+                                           + report["optimizer_state_bytes"])
 
 
 def test_hf_name_still_behaves_as_hf(tmp_path):
@@ -102,6 +124,7 @@ def test_factory_requires_lr():
         optimizer_factory("adamw", lr=1e-3, foo=1)
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_reproduces_uninterrupted_run(tmp_path):
     data = pattern_dataset()
     straight = memtrain.Trainer(model=tiny_llama(), args=make_args(tmp_path / "a", optim="adamw", max_steps=6),

@@ -1,7 +1,7 @@
 """Tests for memtrain.recipes.data: corpus, split, tokenizer, packed LM blocks, caching.
 
-The embedded corpus is downloaded once per machine into the real default cache
-(module fixture); every test that checks caching behaviour uses tmp_path instead.
+The embedded corpus is fetched once per test run into the run's cache (tests/conftest.py points
+MEMTRAIN_CACHE there; module fixture); every test that checks caching behaviour uses tmp_path instead.
 """
 
 from __future__ import annotations
@@ -69,9 +69,11 @@ def test_embedded_corpus_contents(shakespeare_docs):
     assert hamlet.startswith("HAMLET, PRINCE OF DENMARK") and "To be, or not to be" in hamlet
 
 
-def test_embedded_corpus_second_call_uses_cache(shakespeare_docs, monkeypatch):
+def test_embedded_corpus_second_call_uses_cache(shakespeare_docs, monkeypatch, test_cache_dir):
     monkeypatch.setattr(D.subprocess, "run", _fail_if_pip_runs)
     assert D.load_documents("shakespeare") == shakespeare_docs
+    assert D.default_cache_dir() == test_cache_dir / "memtrain"  # the run's cache, never the user's
+    assert D._corpus_is_complete(D._corpus_dir(test_cache_dir / "memtrain"))
 
 
 def test_pip_failure_gives_clear_error(tmp_path, monkeypatch):
@@ -348,6 +350,7 @@ def test_saved_tokenizer_path_is_honoured(tmp_path, small_texts):
         D.get_tokenizer("gpt2", [], 300)  # never goes to the Hub
 
 
+@pytest.mark.slow
 def test_concurrent_first_use_trains_once(tmp_path):
     """Two cold processes sharing a cache: one trains, the other waits and reuses."""
     script = textwrap.dedent(
@@ -504,6 +507,7 @@ def test_build_lm_data_with_saved_tokenizer(tiny_corpus, tmp_path, small_texts):
     assert not (tmp_path / "c" / "tokenizers").exists()
 
 
+@pytest.mark.slow
 def test_build_lm_data_shakespeare(tmp_cache_with_corpus, monkeypatch):
     monkeypatch.setattr(D.subprocess, "run", _fail_if_pip_runs)
     data = D.build_lm_data("shakespeare", seq_len=64, vocab_size=1024, cache_dir=tmp_cache_with_corpus, max_eval_samples=50)

@@ -127,32 +127,6 @@ def test_parity_with_official_package(shape, method):
     assert (ours - w.detach()).abs().max() <= 3e-7
 
 
-@pytest.mark.parametrize("method", ["galore", "fira"])
-def test_parity_with_official_package_on_a_tiny_model(method):
-    """Whole tiny LLaMA, HF's group order (fallback group first), 5 steps with refreshes at 1 and 4."""
-    pkg = _package("galore_torch" if method == "galore" else "fira")
-    ref_cls = pkg.GaLoreAdamW if method == "galore" else pkg.FiraAdamW
-    ours_model, ref_model = tiny_llama(), tiny_llama()
-    ours = memtrain.build_optimizer(ours_model, method, lr=1e-2, rank=8, update_proj_gap=3,
-                                    **({"scale": 0.5} if method == "galore" else {"alpha": 0.5}))
-    groups = []
-    names = dict(ref_model.named_parameters())
-    for g in ours.param_groups:  # the same routing, expressed as the reference's groups
-        group = {"params": [names[n] for n in g["names"]]}
-        if g["role"] == "matrix":
-            group.update(rank=8, update_proj_gap=3, proj_type="std", **({"scale": 0.5} if method == "galore"
-                                                                         else {"alpha": 0.5}))
-        groups.append(group)
-    ref = ref_cls(groups, lr=1e-2, no_deprecation_warning=True)
-    for step in range(5):
-        for model, opt in ((ours_model, ours), (ref_model, ref)):
-            model(**lm_batch(step)).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    for (n, a), b in zip(ours_model.named_parameters(), ref_model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
-
-
 # -- equivalences with AdamW-HF -------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(48, 32), (32, 48)], ids=["right", "left"])
 @pytest.mark.parametrize("basis", ["identity", "signed_permutation"])
@@ -244,10 +218,8 @@ def test_non_finite_or_zero_gradient_never_reaches_the_solver(bad, monkeypatch):
 
 
 def test_bad_options_are_refused_clearly():
-    with pytest.raises(ValueError, match="rank must be a positive integer"):
-        GaLore([torch.nn.Parameter(torch.randn(4, 4))], lr=1e-2, rank=0)
-    with pytest.raises(ValueError, match="option projector='qr' for optimizer galore: expected one of svd"):
-        memtrain.parse_optim_args("galore", "projector=qr")
+    """The class itself refuses what build_optimizer's type check would catch first (tests/optim_table.py has
+    the user-facing error inputs)."""
     with pytest.raises(ValueError, match="residual_mode must be 'code'"):
         Fira([torch.nn.Parameter(torch.randn(4, 4))], lr=1e-2, residual_mode="both")
 
@@ -345,7 +317,7 @@ def test_fira_zero_residual_does_not_freeze_the_limiter():
 
 # -- memory and resume ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", [GaLore, Fira])
-@pytest.mark.parametrize("shape,per_param", [((2048, 2048), 3.000), ((5461, 2048), 2.375)])
+@pytest.mark.parametrize("shape,per_param", [((2048, 2048), 3.000), pytest.param((5461, 2048), 2.375, marks=pytest.mark.slow)])
 def test_state_bytes_per_parameter(method, shape, per_param, monkeypatch):
     """4·(2r/d_s + r/d_l) B/param at r = 512 (Fira adds one 4-byte scalar). The solver is replaced by a cheap
     orthonormal basis: the bytes do not depend on which subspace is chosen."""

@@ -195,6 +195,7 @@ def test_trains_merges_and_round_trips_also_as_vanilla_dora(tmp_path):
     assert_merge_matches(model)
 
 
+@pytest.mark.slow
 def test_resume_is_exact():
     assert_resume_exact("gradnormlorp")
     assert_resume_exact("gradnormlorp", j=1, dtype=torch.bfloat16)

@@ -245,6 +245,7 @@ def test_resume_is_exact(mode):
     assert_resume_exact("lorapro", mode=mode)
 
 
+@pytest.mark.slow
 def test_resume_is_exact_bf16_with_fp32_moments():
     assert_resume_exact("lorapro", j=1, dtype=torch.bfloat16)
 

@@ -19,7 +19,7 @@ def test_every_registered_name_resolves_and_builds():
         assert set(spec.capabilities()) == {"stateless", "needs_matrix_shape", "fsdp2", "deepspeed"}
         opt = memtrain.build_optimizer(tiny_llama(), name, lr=1e-3)
         assert isinstance(opt, torch.optim.Optimizer)
-        assert all(g["lr"] > 0 for g in opt.param_groups)
+        assert all(g["lr"] == 1e-3 for g in opt.param_groups)  # no group keeps a default lr of its own
 
 
 def test_list_shows_description_and_capabilities():
@@ -58,15 +58,7 @@ def test_bad_optim_args_name_the_problem(text, words):
 def test_build_optimizer_requires_lr_and_checks_options():
     model = tiny_llama()
     with pytest.raises(TypeError):
-        memtrain.build_optimizer(model, "adamw")  # no silent lr default
-    with pytest.raises(TypeError, match="unknown option 'rank'"):
-        memtrain.build_optimizer(model, "adamw", lr=1e-3, rank=4)
-    with pytest.raises(TypeError, match="eps"):
-        memtrain.build_optimizer(model, "adamw", lr=1e-3, eps="small")
-    with pytest.raises(ValueError, match="lr must be"):
-        memtrain.build_optimizer(model, "adamw", lr=-1.0)
-    with pytest.raises(ValueError, match="betas"):
-        memtrain.build_optimizer(model, "adamw", lr=1e-3, betas=(0.9, 1.5))
+        memtrain.build_optimizer(model, "adamw")  # no silent lr default; bad options: tests/optim_table.py
 
 
 def test_spec_rejects_lr_default_and_unknown_defaults():

@@ -143,13 +143,9 @@ def test_conv1d_layout_is_the_transposed_linear_update():
     torch.testing.assert_close(linear.detach(), w - 0.1 * normalize(g, 1), rtol=1e-6, atol=1e-7)
 
 
-def test_options_parse_and_bad_values_are_refused():
+def test_options_parse():  # bad values: tests/optim_table.py
     assert memtrain.parse_optim_args("scale", "momentum=0.95,tied_role=embedding,state_dtype=bfloat16") == {
         "momentum": 0.95, "tied_role": "embedding", "state_dtype": "bfloat16"}
-    with pytest.raises(ValueError, match="tied_role='lm_head' for optimizer scale: expected one of head, embedding"):
-        memtrain.parse_optim_args("scale", "tied_role=lm_head")
-    with pytest.raises(ValueError, match=r"momentum must lie in \[0, 1\)"):
-        memtrain.build_optimizer(tiny_llama(), "scale", lr=1e-3, momentum=1.0)
 
 
 def test_flattened_embedding_is_refused_with_the_fix():

@@ -24,7 +24,7 @@ def hidden_matrices(model):
     return [mod.weight for mod in model.modules() if isinstance(mod, torch.nn.Linear) and mod.weight is not head]
 
 
-@pytest.mark.parametrize("iterations", [5, 2])
+@pytest.mark.parametrize("iterations", [2])  # the default (5): tests/optim_table.py's reference run
 def test_steps_equal_the_spec_transcription(iterations):
     lr, adam_lr, wd = 1e-2, 3e-3, 0.1
     model = tiny_llama()
@@ -80,14 +80,8 @@ def test_conv1d_layout_is_the_transposed_linear_update():
     torch.testing.assert_close(linear.detach(), w - 0.1 * spec_sinkgd_direction(g), rtol=1e-6, atol=1e-7)
 
 
-def test_options_parse_and_bad_values_are_refused():
+def test_options_parse():  # bad values: tests/optim_table.py
     assert memtrain.parse_optim_args("sinkgd", "iterations=3,norm_eps=1e-6") == {"iterations": 3, "norm_eps": 1e-6}
-    with pytest.raises(ValueError, match="option iterations='two' for optimizer sinkgd: expected an integer"):
-        memtrain.parse_optim_args("sinkgd", "iterations=two")
-    with pytest.raises(ValueError, match="iterations must be an integer >= 1"):
-        memtrain.build_optimizer(tiny_llama(), "sinkgd", lr=1e-3, iterations=0)
-    with pytest.raises(ValueError, match="norm_eps must be > 0"):
-        memtrain.build_optimizer(tiny_llama(), "sinkgd", lr=1e-3, norm_eps=0.0)
 
 
 def test_flattened_matrix_is_refused_with_the_fix():

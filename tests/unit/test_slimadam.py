@@ -138,23 +138,7 @@ def test_biases_get_a_full_second_moment():
     assert opt.state[model.attn.q_proj.weight]["exp_avg_sq"].shape == (16, 1)
 
 
-def _llama_state_bytes(model):
-    fan_out = ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    total = 0
-    for name, p in model.named_parameters():
-        if p.dim() < 2:
-            total += 8 * p.numel()
-        else:
-            total += 4 * p.numel() + 4 * (p.shape[1] if name.split(".")[-2] in fan_out else p.shape[0])
-    return total
-
-
-def test_state_bytes_equal_the_formula():
-    model = tiny_llama()
-    opt = memtrain.build_optimizer(model, "slimadam", lr=1e-3)
-    model(**lm_batch(0)).loss.backward()
-    opt.step()
-    assert optimizer_state_bytes(opt) == _llama_state_bytes(model)
+def test_state_bytes_at_scale():  # on tiny LLaMA: tests/optim_table.py's formula, in the contract tests
     q = nn.Parameter(torch.zeros(2048, 2048))
     opt = memtrain.build_optimizer([{"params": [q], "role": "matrix", "names": ["l.q_proj.weight"]}], "slimadam",
                                    lr=1e-3)

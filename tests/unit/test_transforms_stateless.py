@@ -171,7 +171,7 @@ def test_converges_to_the_exact_polar_factor_on_the_wide_heterogeneous_case():
     assert rel_err(swan_direction(gauss(256, 688), k=10), exact_polar(gauss(256, 688))) < 1e-5
 
 
-SHAPES = [(256, 688), (688, 256), (256, 256), (1024, 1024)]
+SHAPES = [(256, 688), (688, 256), (256, 256), pytest.param((1024, 1024), marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
