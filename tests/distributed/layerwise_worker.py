@@ -29,10 +29,10 @@ from tests.conftest import VOCAB, lm_batch, tiny_llama
 from tests.distributed.parity_worker import OPTIONS, full, fully_shard_units
 
 GLOBAL_BATCH, STEPS, LR = 8, 3, 1e-2
-#: parity_worker's options (a true low rank and a refresh inside the steps), except adam4bit's low threshold: with
-#: quantised moments a last-bit difference of the reduced gradient (reduction order) can move a code across a
-#: quantisation boundary, and the run then differs from 1 process by 4e-4 (measured, on DDP as on FSDP2), while
-#: layer-wise and standard training stay bitwise equal.
+#: parity_worker's options (a true low rank and a refresh inside the steps, galore/fira sign-fixed), except
+#: adam4bit's low threshold: with quantised moments a last-bit difference of the reduced gradient (reduction order)
+#: can move a code across a quantisation boundary, and the run then differs from 1 process by 4e-4 (measured, on
+#: DDP as on FSDP2), while layer-wise and standard training stay bitwise equal.
 METHOD_OPTIONS = {name: options for name, options in OPTIONS.items() if name != "adam4bit"}
 
 

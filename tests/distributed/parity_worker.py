@@ -29,8 +29,19 @@ STEPS, LR, GLOBAL_BATCH, LENGTH, VOCAB = 4, 3e-3, 8, 16, 64
 #: (64×32, 48×32) so that adam4bit quantises them instead of keeping every tensor in fp32. muon orthogonalises in
 #: fp32 here: in bf16 (its default) the last-bit differences of an averaged gradient become bf16 roundings (measured
 #: 2.5e-3), the bf16 noise floor rather than a distributed error.
+#:
+#: galore and fira fix each basis vector's sign (``sign_fix``) so that "2 ranks equal 1 process" is a
+#: well-conditioned comparison. The moments are carried across a refresh in the old basis' coordinates, so a basis
+#: vector that comes back negated changes the next update by O(1); and LAPACK's SVD has no sign convention that is
+#: continuous in its input. The 2-rank gradient differs from one process's in the last bits (reduction order, 1e-6
+#: relative), and for layerwise_worker.py's layers.1.k_proj gradient at the step-3 refresh that negates the 8th
+#: left singular vector (6 of 50 random 1e-6 perturbations of that G do): 2.2e-2 instead of 1e-6 (measured; which
+#: run and which vector depends on the CPU). Largest-entry-positive is stable there: no flip in 11,200 perturbed
+#: basis vectors of that run's 28 refreshes.
 OPTIONS = {name: BY_NAME[name].kwargs for name in ("galore", "fira", "adam4bit", "apollo", "apollo_mini")}
 OPTIONS["muon"] = {"ns_dtype": "float32"}
+for name in ("galore", "fira"):
+    OPTIONS[name] = {**OPTIONS[name], "sign_fix": True}
 
 
 def tiny_llama():

@@ -45,6 +45,12 @@ def replicated(method: str) -> set[tuple[str, str]]:
     return keys
 
 
+def tolerance(solver: str) -> float:
+    """The sharded-vs-one-process bound: the side-0 gram_eigh Gram is a sum of the ranks' partial Grams (see
+    test_row_blocks_equal_one_process), every other solver sees the whole G bitwise."""
+    return 1e-5 if solver == "gram_eigh" else 1e-6
+
+
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("solver", ["svd", "gram_eigh", "randomized"])
 @pytest.mark.parametrize("method", list(METHODS))
@@ -52,9 +58,10 @@ def test_row_blocks_equal_one_process(method, solver, world):
     """svd and randomized solve the gathered G, bitwise the unsharded G; what differs is the order of the side-1
     R all-reduce and of ‖S‖² (measured ≤ 1.3e-7 over parameters and state). gram_eigh sums the ranks' Grams in
     another order than one GᵀG, and eigh turns that rounding into basis error ∝ λ₁/(λ_r − λ_{r+1}) (measured
-    7.7e-7 here; 2e-5 in the moments of a 4×3 gradient whose λ₃/λ₁ is 1e-6): the spec's 1e-5 bound."""
+    7.7e-7 here on one CPU, 1.0e-6 on 3 ranks on another; 2e-5 in the moments of a 4×3 gradient whose λ₃/λ₁ is
+    1e-6): the spec's 1e-5 bound."""
     ranks = check_sharded(lambda g: METHODS[method](g, projector=solver), SHAPES, ROLES, replicated(method),
-                          world=world, tol=1e-5 if solver == "gram_eigh" else 1e-6)
+                          world=world, tol=tolerance(solver))
     for params, opt, _ in ranks:
         for n in SIDE0 + SIDE1:
             assert opt.state[params[n]]["refreshes"] == 2, n
@@ -102,7 +109,7 @@ def test_collectives_per_side_and_the_solver_runs_on_the_owner_only(method, solv
     monkeypatch.setattr(torch.linalg, "eigh", spy(torch.linalg.eigh))
 
     ranks = check_sharded(lambda g: METHODS[method](g, projector=solver), SHAPES, ROLES, replicated(method),
-                          rows_cls=CountingRows, world=3)
+                          rows_cls=CountingRows, world=3, tol=tolerance(solver))
     for position, n in enumerate(SIDE0 + SIDE1):  # SHAPES order: the position picks the owner rank
         side = 0 if n in SIDE0 else 1
         want = Counter(all=2, broadcast=2)

@@ -189,15 +189,39 @@ def test_finite_for_every_k_up_to_100(make, shape):
     assert torch.isfinite(swan_direction(make(*shape), k=100)).all()
 
 
+def along_ones(d):
+    """The part of ``d`` along the all-ones column direction, relative: ‖d·1/√n‖ / ‖d‖_F."""
+    d = d.double()
+    return (d.sum(dim=1).norm() / d.shape[1] ** 0.5 / d.norm()).item()
+
+
 def test_deflation_is_what_keeps_the_tall_case_from_diverging():
-    """Without the deflation and with δ = 0 the coupled iteration amplifies rounding noise along the all-ones
-    null vector of XᵀX (swan.md §10.4: error 0.14 at k = 30); with them it converges to the damped target."""
+    """Row-centred X has the all-ones null vector of XᵀX. Without the deflation and with δ = 0 the coupled
+    iteration multiplies any component of X along it by 1.5 per step (docs/optimizers/swan.md) until it is a whole
+    unit singular direction of the result: noise turned into 1/√n of the direction. In fp32 that noise is the
+    rounding of the centring and of XᵀX, whose size depends on the CPU's summation order (error vs the exact polar
+    factor at k = 30: 0.14 on one machine, 2.2e-3 on another), so here it is injected: fp64 (rounding 1e-17 along
+    1, measured) plus η·u·1ᵀ, η = 1e-5, a relative component of 1.0e-5 along 1. The clean fp64 input is the
+    control: there the undeflated iteration is exact, so the divergence is the noise's amplification."""
     g = hetero(688, 256)
-    x = standardize(g)
-    bare = unit_rms(whiten(x, steps=30, damping=0.0, centered_dim=None))
-    assert rel_err(bare, exact_polar(g)) > 0.05
-    fixed = unit_rms(whiten(x, steps=30))
-    assert rel_err(fixed, damped_target64(g)) < 2e-4  # measured 9.8e-5
+    x = standardize(g.double())
+    u = torch.randn(688, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    noisy = x + 1e-5 * u
+    assert along_ones(x) < 1e-15 and 5e-6 < along_ones(noisy) < 2e-5  # measured 1.0e-17, 1.0e-5
+
+    def bare(t):
+        return unit_rms(whiten(t, steps=30, damping=0.0, centered_dim=None))
+
+    assert rel_err(bare(x), exact_polar(g)) < 1e-8  # measured 4.0e-10
+    diverged = bare(noisy)
+    assert along_ones(diverged) == pytest.approx(256 ** -0.5, rel=1e-3)  # ×6300: measured 0.0625
+    assert rel_err(diverged, exact_polar(g)) > 0.05  # measured 0.0625
+    deflated = unit_rms(whiten(noisy, steps=30))
+    assert along_ones(deflated) < along_ones(noisy)  # carried through, not amplified: measured ×0.9
+    assert rel_err(deflated, damped_target64(g)) < 2e-5  # the injected noise itself: measured 9.0e-6
+    # and in fp32, with only the machine's own rounding along 1, the deflated iteration converges
+    fixed = unit_rms(whiten(standardize(g), steps=30))
+    assert rel_err(fixed, damped_target64(g)) < 2e-4  # measured 9.8e-5 and 1.4e-4 on two CPUs
 
 
 def test_converges_to_the_damped_target():
