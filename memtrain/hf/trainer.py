@@ -54,6 +54,16 @@ class Trainer(transformers.Trainer):
             return layerwise.pending_grad_norm()
         return super()._get_grad_norm(model, grad_norm)
 
+    def log(self, logs, *args, **kwargs):
+        # Warnings that depend on tensor values are recorded as device flags in step() (which never syncs) and
+        # emitted here, where the loss is read anyway (MemtrainOptimizer.flush_warnings).
+        optimizer = self.optimizer
+        while optimizer is not None and not hasattr(optimizer, "flush_warnings"):
+            optimizer = getattr(optimizer, "optimizer", None)
+        if optimizer is not None:
+            optimizer.flush_warnings()
+        return super().log(logs, *args, **kwargs)
+
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
         if getattr(self.args, "final_eval", True) and self.eval_dataset is not None:

@@ -20,6 +20,7 @@ A method subclasses :class:`MemtrainOptimizer`, names the roles it transforms in
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 from itertools import chain
 from typing import Any, Callable, ClassVar, Iterable
@@ -144,6 +145,37 @@ class MemtrainOptimizer(Optimizer):
                 if adam_lr is not None:
                     group["lr"] = adam_lr
             group.setdefault("names", [""] * len(group["params"]))
+        self._flagged: dict[str, tuple[Tensor, str]] = {}  # lazy warnings: key -> (device flag, message)
+        self._warned_keys: set[str] = set()
+
+    # -- warnings about tensor values, without a host sync ---------------------------------------------
+    def flag_warning(self, key: str, flag: Tensor, message: str) -> None:
+        """Remember that ``message`` is due if the 0-d boolean ``flag`` is (or, for ``key``, ever was) True.
+
+        ``step()`` never reads a tensor value on the host (a GPU stall per parameter per step, and a failure under
+        ``FakeTensorMode``), so a warning that depends on values is recorded as a device flag, OR-ed per ``key``,
+        and emitted by :meth:`flush_warnings`, which memtrain's Trainer calls at every logging step."""
+        if key in self._warned_keys:
+            return
+        held = self._flagged.get(key)
+        self._flagged[key] = (flag if held is None else held[0] | flag, message)
+
+    def flush_warnings(self) -> list[str]:
+        """Emit (once per key) the recorded warnings whose flag is True, and return their messages. One host sync
+        for all of them; call it outside ``step()`` (memtrain's Trainer does at logging steps)."""
+        if not self._flagged:
+            return []
+        keys = list(self._flagged)
+        device = self._flagged[keys[0]][0].device
+        values = torch.stack([self._flagged[k][0].reshape(()).to(device, torch.bool) for k in keys]).tolist()
+        emitted = []
+        for key, value in zip(keys, values):
+            if value:
+                message = self._flagged.pop(key)[1]
+                self._warned_keys.add(key)
+                warnings.warn(message, stacklevel=2)
+                emitted.append(message)
+        return emitted
 
     # -- the per-parameter updates -------------------------------------------------------------------
     def update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
