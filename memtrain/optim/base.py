@@ -30,10 +30,13 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
+from .routing import ROLES
 from .sharding import Rows, local, unsharded
 from .transforms import adamw_t_
 
 FALLBACK = "adamw"
+#: Methods that can update the roles a method does not own (``fallback=``, :meth:`MemtrainOptimizer.use_fallback`).
+FALLBACKS = ("adamw", "adam4bit", "adafactor")
 SHAPED_ROLES = ("matrix", "embedding", "head")
 
 
@@ -147,6 +150,43 @@ class MemtrainOptimizer(Optimizer):
             group.setdefault("names", [""] * len(group["params"]))
         self._flagged: dict[str, tuple[Tensor, str]] = {}  # lazy warnings: key -> (device flag, message)
         self._warned_keys: set[str] = set()
+        self._fallbacks: dict[str, MemtrainOptimizer] = {}  # fallback method name -> its per-parameter update
+
+    # -- the method for the roles this one does not own ------------------------------------------------
+    def use_fallback(self, name: str) -> "MemtrainOptimizer":
+        """Update every group this method does not own (``method == "adamw"``: embedding, head, vectors, ... as
+        routed) with the registered method ``name`` instead of the AdamW fallback: ``"adamw"`` (the default, a
+        no-op), ``"adam4bit"`` (4-bit moments) or ``"adafactor"`` (factored second moment).
+
+        The update is that method's own per-parameter ``update()``, run by an instance of it that holds no
+        parameters, with that method's defaults for its options; lr, weight decay (and adam4bit's betas and ε) are
+        the group's, i.e. this method's fallback options (``adam_lr``, ``betas``, ``eps``). Call before the first
+        step (``build_optimizer(..., fallback=name)`` and ``optim_args="fallback=name"`` do). Returns ``self``."""
+        from .registry import get_spec  # late import: registry modules import this one
+
+        if name not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}, got {name!r}")
+        if name == FALLBACK:
+            return self
+        if self.state:
+            raise RuntimeError(f"{self.name}: choose the fallback before the first step (state exists already)")
+        spec = get_spec(name)
+        # An instance of the method over a placeholder: its update() and per-instance caches, never its groups.
+        method = spec.cls([torch.zeros(1)], lr=1e-3, **spec.defaults)
+        shared = ("lr", "weight_decay", "betas", "eps")  # the group's own values
+        options = {k: v for k, v in method.defaults.items() if k not in shared}
+        clash = sorted(set(options) & set(self.defaults))
+        if clash:
+            raise RuntimeError(f"{self.name}: fallback={name} options {clash} would overwrite this method's options")
+        groups = [g for g in self.param_groups
+                  if g["method"] == FALLBACK and g["role"] in ROLES and g["role"] not in self.owns]
+        if not groups:  # routed roles only: an adapter's own groups keep their update
+            raise ValueError(f"{self.name} updates every routed parameter itself (it owns roles "
+                             f"{', '.join(sorted(self.owns))}), so fallback={name} would change nothing; drop it")
+        for group in groups:
+            group.update(options, method=name)
+        self._fallbacks[name] = method
+        return self
 
     # -- warnings about tensor values, without a host sync ---------------------------------------------
     def flag_warning(self, key: str, flag: Tensor, message: str) -> None:
@@ -207,6 +247,8 @@ class MemtrainOptimizer(Optimizer):
             )
 
     def _update_fn(self, group: dict) -> Callable:
+        if group["method"] in self._fallbacks:
+            return self._fallbacks[group["method"]].update
         return self.adamw_update if group["method"] == FALLBACK else self.update
 
     # -- the loop -------------------------------------------------------------------------------------
@@ -214,23 +256,24 @@ class MemtrainOptimizer(Optimizer):
         """Refuse, before any state exists, parameters this method would silently get wrong."""
         if group["method"] == FALLBACK:
             return  # the AdamW fallback is elementwise: any shard layout is fine
+        method = self._fallbacks.get(group["method"], self)  # the method that updates this group
         name = group["names"][index] or f"group {group['role']} #{index}"
-        if self.needs_matrix_shape and group["role"] in SHAPED_ROLES and param.dim() < 2:
+        if method.needs_matrix_shape and group["role"] in SHAPED_ROLES and param.dim() < 2:
             raise RuntimeError(
-                f"{self.name}: parameter {name!r} (role {group['role']}) arrived as a flattened "
+                f"{method.name}: parameter {name!r} (role {group['role']}) arrived as a flattened "
                 f"{param.dim()}-D tensor of {param.numel()} elements, so its rows and columns are lost. FSDP1 and "
-                f"DeepSpeed ZeRO hand optimizers such flat shards. {self.name} needs the matrix shape: use FSDP2 "
+                f"DeepSpeed ZeRO hand optimizers such flat shards. {method.name} needs the matrix shape: use FSDP2 "
                 "(fully_shard) or DDP, or pick an elementwise optimizer such as adamw."
             )
-        if isinstance(param, DTensor) and not _registered_fsdp2(self.name):
+        if isinstance(param, DTensor) and not _registered_fsdp2(method.name):
             raise RuntimeError(
-                f"{self.name}: parameter {name!r} is a sharded DTensor (FSDP2), and {self.name} is not verified "
+                f"{method.name}: parameter {name!r} is a sharded DTensor (FSDP2), and {method.name} is not verified "
                 f"exact on sharded weights yet. Use DDP (configs/accelerate/ddp.yaml), or an optimizer whose "
                 "capabilities list fsdp2 (python -m memtrain.optim)."
             )
-        if isinstance(param, DTensor) and self.needs_matrix_shape and group.get("layout") == "conv1d":
+        if isinstance(param, DTensor) and method.needs_matrix_shape and group.get("layout") == "conv1d":
             raise RuntimeError(  # Shard(0) of a stored [in, out] weight splits the columns (specs/README.md §2.7)
-                f"{self.name}: parameter {name!r} is a Conv1D weight (stored [in, out]) sharded by FSDP2, which then "
+                f"{method.name}: parameter {name!r} is a Conv1D weight (stored [in, out]) sharded by FSDP2, which then "
                 "splits its columns, not its rows; memtrain's matrix transforms support this layout only unsharded. "
                 "Use DDP, or an elementwise optimizer such as adamw."
             )
@@ -275,6 +318,12 @@ class MemtrainOptimizer(Optimizer):
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            if saved.get("method", group["method"]) != group["method"] and group["role"] not in self.owns:
+                raise ValueError(
+                    f"{self.name}: the checkpoint updated the {group['role']} group with {saved['method']!r}, this "
+                    f"optimizer with {group['method']!r}: resume with the fallback it was saved with "
+                    f"(fallback={saved['method']})")
         saved_state = state_dict["state"]
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         super().load_state_dict(state_dict)
