@@ -27,6 +27,7 @@ from ..conftest import VOCAB, lm_batch
 
 NAMES = memtrain.optimizer_names()
 ADAPTERS = ["gradnormlorp", "lorapro", "lorapro-efficient", "allora", "allora-factor_rows"]
+FALLBACKS = ["swan/adam4bit", "galore/adafactor"]  # method/fallback (docs/registry-and-routing.md)
 #: Options that make two steps exercise every code path: adam4bit quantises the tiny model's tensors, GaLore and
 #: Fira refresh at both steps (the second through the schedule).
 OPTIONS = {"adam4bit": {"threshold": 1}, "galore": {"rank": 4, "update_proj_gap": 1},
@@ -42,6 +43,10 @@ def small_llama() -> LlamaForCausalLM:
 
 
 def build(case: str, model, layerwise: bool, wrapped: bool = False):
+    if case in FALLBACKS:
+        name, fallback = case.split("/")
+        return memtrain.build_optimizer(model, name, lr=1e-2, weight_decay=0.01, layerwise=layerwise,
+                                        fallback=fallback, **OPTIONS.get(name, {}))
     if case in NAMES:
         return memtrain.build_optimizer(model, case, lr=1e-2, weight_decay=0.01, layerwise=layerwise,
                                         layerwise_clip=1.0 if layerwise else 0.0, **OPTIONS.get(case, {}))
@@ -58,7 +63,7 @@ def build(case: str, model, layerwise: bool, wrapped: bool = False):
 
 def model_and_optimizer(case: str, layerwise: bool):
     model = small_llama()
-    if case in NAMES:
+    if case in NAMES + FALLBACKS:
         return model, build(case, model, layerwise)
     if layerwise:
         pytest.skip("adapter methods are not layer-wise (LoRA-Pro steps its pairs together)")
@@ -91,14 +96,14 @@ def steps(model, opt, start: int, n: int) -> None:
 def test_every_optimizer_steps_on_fake_tensors(layerwise):
     """All of them in one process, each under its own FakeTensorMode."""
     failed = {}
-    for case in NAMES + ADAPTERS:
-        if layerwise and case not in NAMES:
+    for case in NAMES + FALLBACKS + ADAPTERS:
+        if layerwise and case in ADAPTERS:
             continue
         try:
             mode = FakeTensorMode()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                if case in NAMES:  # what ``memtrain estimate`` does: the model is built on fake tensors
+                if case not in ADAPTERS:  # what ``memtrain estimate`` does: the model is built on fake tensors
                     with mode:
                         model, opt = model_and_optimizer(case, layerwise)
                 else:
@@ -161,7 +166,7 @@ def test_the_counter_sees_every_kind_of_host_read():
 
 
 @pytest.mark.parametrize("layerwise", [False, True], ids=["plain", "layerwise"])
-@pytest.mark.parametrize("case", NAMES + ADAPTERS)
+@pytest.mark.parametrize("case", NAMES + FALLBACKS + ADAPTERS)
 def test_no_host_sync_in_a_step(case, layerwise):
     """First steps (lazy state, a projector refresh at each step for the low-rank methods), and the backward of
     the layer-wise hooks, all counted."""

@@ -153,6 +153,16 @@ def test_fsdp2_row_blocks_equal_the_unsharded_run(fallback):
     assert ("m_codes" in opt.state[params["embed_tokens.weight"]]) == (fallback == "adam4bit")
 
 
+def test_the_trainer_route_takes_it_from_optim_args():
+    from memtrain.hf import optimizer_factory
+
+    factory, kwargs = optimizer_factory("sinkgd", lr=LR, weight_decay=WD, optim_args="fallback=adafactor")
+    opt = factory()(llama(), **kwargs)
+    assert {g["role"]: g["method"] for g in opt.param_groups} == {
+        "embedding": "adafactor", "head": "adafactor", "vector": "adafactor", "matrix": "sinkgd"}
+    assert "fallback" in memtrain.optim.registry.format_options("sinkgd")
+
+
 def test_bad_fallbacks_are_refused_clearly():
     with pytest.raises(ValueError, match="option fallback='sgd' for optimizer swan: expected one of adamw, adam4bit"):
         memtrain.parse_optim_args("swan", "fallback=sgd")
