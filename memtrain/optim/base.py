@@ -5,7 +5,8 @@ A method subclasses :class:`MemtrainOptimizer`, names the roles it transforms in
 
 * role-tagged param groups (built by ``routing.build_param_groups``); each group records the ``method`` that
   updates it: the subclass for owned roles, the AdamW fallback (AdamW-T, specs/README.md §2.4) for the rest,
-  with its own ``adam_lr`` / betas / ε options;
+  with its own ``adam_lr`` / betas / ε options, or the method ``use_fallback`` chose (``adam4bit``, ``adafactor``);
+* no host sync in a step: warnings that depend on tensor values are device flags, emitted by ``flush_warnings``;
 * lazy state: nothing is created before the first ``step()`` that sees a gradient, and state holds only
   tensors and Python numbers, so ``torch.load(weights_only=True)`` resume and accelerate's FSDP2 parameter
   swap both work;
