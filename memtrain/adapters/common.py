@@ -120,6 +120,7 @@ def build_adapter_optimizer(model: nn.Module, optim: str, *, lr: float, weight_d
     merged = {**spec.defaults, **registry.parse_optim_args(optim, optim_args), **options, "lr": lr,
               "weight_decay": weight_decay}
     registry.validate_options(optim, merged)
+    fallback = merged.pop("fallback", "adamw")
     if not issubclass(spec.cls, MemtrainOptimizer):
         raise TypeError(f"optimizer {optim!r} is not a MemtrainOptimizer; adapters need one")
     taken = {id(p) for g in adapter_groups for p in g["params"]}
@@ -136,7 +137,7 @@ def build_adapter_optimizer(model: nn.Module, optim: str, *, lr: float, weight_d
         if group["params"]:
             groups.append({"weight_decay": weight_decay, **group})
     cls = _combined_class(mixin, spec.cls) if mixin is not None else spec.cls
-    return cls(groups, **merged)
+    return cls(groups, **merged).use_fallback(fallback)
 
 
 class AdapterFactory:

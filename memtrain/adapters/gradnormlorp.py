@@ -134,15 +134,24 @@ def _adamw_hf_update(optimizer, param, grad, state, group, rows) -> None:
     optimizer.adam_step(param, grad, state, group, adamw_hf_, rows)
 
 
-def _apply_hf(param, direction, lr, weight_decay) -> None:
+def _apply_hf(param, direction, lr, weight_decay, live=None) -> None:
+    """``W ← W − lr·D``, then AdamW-HF's decay after the update (on the full weight, plain lr); ``live`` (a 0-d
+    device flag) switches the decay off without a host branch (times exactly 1.0 when on)."""
     with fp32_view(param) as p:
         p.add_(direction, alpha=-lr)
-        if weight_decay != 0:  # AdamW-HF: decay after the update, on the full weight, plain lr
-            p.add_(p, alpha=-lr * weight_decay)
+        if weight_decay != 0:
+            p.add_(p if live is None else p * live, alpha=-lr * weight_decay)
 
 
 def _projected_update(optimizer, param, grad, state, group, rows) -> None:
-    """galore.md §2.1 (proj_type "std") on one LoRA factor."""
+    """galore.md §2.1 (proj_type "std") on one LoRA factor, with no host sync (README §2.7).
+
+    The projector is refreshed at the factor's first step and every ``update_proj_gap`` steps after. A gradient
+    that is all zero (A of a fresh adapter: B = 0 makes ∇A ≡ 0 at step 1) or non-finite has no subspace: P is kept,
+    and a factor with no projector yet (P = 0) makes no update at all (weight, moments and decay untouched); its
+    refresh is retried once, at its second step. Decided on the device with ``torch.where``: the SVD runs on zeros
+    instead of a bad gradient and its basis is discarded, so nothing reads a value on the host. ``step`` counts every
+    step (a skipped one too) and ``refreshes`` every scheduled refresh."""
     if param.dim() != 2:
         raise RuntimeError("gradnormlorp needs 2-D LoRA factors; flat shards (FSDP1/ZeRO) lose the rows: use FSDP2 "
                            "(fully_shard) or DDP")
@@ -153,28 +162,26 @@ def _projected_update(optimizer, param, grad, state, group, rows) -> None:
     m, n = g.shape
     side = 0 if m >= n else 1
     rank = min(group["proj_rank"], m, n)
-    if "projector" not in state or state["step"] % group["update_proj_gap"] == 0:
-        # An all-zero (B = 0 init makes ∇A ≡ 0 at step 1) or non-finite gradient has no subspace: keep the old
-        # projector, or skip the step entirely if there is none yet (retried at the next step).
-        ok = bool(torch.isfinite(g).all()) and bool(g.any())
-        if ok:
-            state["projector"] = svd_projector(g, rank, side)
-            state["side"] = side
-            state["refreshes"] = state.get("refreshes", 0) + 1
-            state.setdefault("step", 0)
-        elif "projector" not in state:
-            return
+    if not state:  # every entry at its final shape from the first step; a zero projector means "no subspace yet"
+        moments = (m, rank) if side == 0 else (rank, n)
+        state.update(step=0, side=side, refreshes=0, projector=g.new_zeros((rank, n) if side == 0 else (m, rank)),
+                     exp_avg=g.new_zeros(moments), exp_avg_sq=g.new_zeros(moments))
     P = state["projector"]
+    scheduled = state["step"] % group["update_proj_gap"] == 0
+    if scheduled or state["step"] == 1:
+        ok = torch.isfinite(g).all() & g.ne(0).any()
+        g = torch.where(ok, g, torch.zeros((), dtype=g.dtype, device=g.device))
+        take = ok if scheduled else ok & ~P.ne(0).any()  # the retry only fills a projector that is still empty
+        P.copy_(torch.where(take, svd_projector(g, rank, side), P))
+        state["refreshes"] += int(scheduled)
+    live = P.ne(0).any()  # False: no projector yet, so R, the moments' update and D are all zero
     R = g @ P.T if side == 0 else P.T @ g
-    if "exp_avg" not in state:
-        state["exp_avg"] = torch.zeros_like(R)
-        state["exp_avg_sq"] = torch.zeros_like(R)
     state["step"] += 1
     beta1, beta2 = group["betas"]
     N = adam_direction_(state["exp_avg"], state["exp_avg_sq"], R, step=state["step"], beta1=beta1, beta2=beta2,
                         eps=group["eps"], torch_eps=False)
     D = N @ P if side == 0 else P @ N
-    _apply_hf(param, D.mul_(group["proj_scale"]), group["lr"], group["weight_decay"])
+    _apply_hf(param, D.mul_(group["proj_scale"]), group["lr"], group["weight_decay"], live)
 
 
 def create_gradnormlorp_optimizer(

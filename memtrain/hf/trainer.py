@@ -95,6 +95,16 @@ class Trainer(transformers.Trainer):
             return self._watch(layerwise.pending_grad_norm())
         return self._watch(super()._get_grad_norm(model, grad_norm))
 
+    def log(self, logs, *args, **kwargs):
+        # Warnings that depend on tensor values are recorded as device flags in step() (which never syncs) and
+        # emitted here, where the loss is read anyway (MemtrainOptimizer.flush_warnings).
+        optimizer = self.optimizer
+        while optimizer is not None and not hasattr(optimizer, "flush_warnings"):
+            optimizer = getattr(optimizer, "optimizer", None)
+        if optimizer is not None:
+            optimizer.flush_warnings()
+        return super().log(logs, *args, **kwargs)
+
     def _watch(self, value):
         """OR ``value``'s non-finiteness into the guard's device flag (no host sync)."""
         if getattr(self.args, "stop_on_nonfinite", False) and torch.is_tensor(value):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from functools import lru_cache, partial
+from functools import partial
 from typing import Callable, Literal
 
 import torch
@@ -37,11 +37,14 @@ from .routing import ROLES
 from .transforms import adamw_t_
 
 
-@lru_cache(maxsize=None)
-def _codecs(block_size: int) -> tuple[BlockCodec, BlockCodec, Rank1Codec]:
-    """(m codec, block v codec, rank-1 v codec); built once, they hold only the constant code tables."""
-    return (BlockCodec(signed_de_table(), block_size), BlockCodec(linear_table(), block_size),
-            Rank1Codec(linear_table()))
+def _codecs(block_size: int, device: torch.device) -> tuple[BlockCodec, BlockCodec, Rank1Codec]:
+    """(m codec, block v codec, rank-1 v codec) with their constant code tables on ``device``: built on the CPU
+    (fp32 arithmetic, bitwise torchao's tables) and moved once, so a step copies nothing to the device."""
+    codecs = (BlockCodec(signed_de_table(), block_size), BlockCodec(linear_table(), block_size),
+              Rank1Codec(linear_table()))
+    for codec in codecs:
+        codec.table.to_(device)
+    return codecs
 
 
 def _split_fp32_groups(params, pattern: str | None) -> list:
@@ -79,10 +82,15 @@ class Adam4bit(MemtrainOptimizer):
             raise ValueError(f"adam4bit: threshold must be an int >= 1 (elements), got {threshold!r}")
         super().__init__(_split_fp32_groups(params, keep_fp32), lr=lr, weight_decay=weight_decay, betas=betas,
                          eps=eps, block_size=block_size, v_norm=v_norm, threshold=threshold, quantize=True)
+        self._tables: dict[tuple, tuple[BlockCodec, BlockCodec, Rank1Codec]] = {}
 
-    @staticmethod
-    def _codecs(param: Tensor, group: dict):
-        m_codec, v_block, v_rank1 = _codecs(group["block_size"])
+    def _codecs(self, param: Tensor, group: dict):
+        # Per optimizer, not per process: the tables are tensors, and one made under a FakeTensorMode (memory
+        # estimation) must never meet another mode's tensors ("Mixing fake modes").
+        key = (group["block_size"], param.device)
+        if key not in self._tables:
+            self._tables[key] = _codecs(*key)
+        m_codec, v_block, v_rank1 = self._tables[key]
         if group["v_norm"] == "rank1" and param.dim() == 2:
             return m_codec, "rank1", v_rank1
         return m_codec, "block", v_block
@@ -109,7 +117,7 @@ class Adam4bit(MemtrainOptimizer):
         with fp32_view(param) as p32:  # the update uses the new, unquantised moments
             adamw_t_(p32, grad.float(), exp_avg, exp_avg_sq, step=state["step"], lr=group["lr"], beta1=beta1,
                      beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
-        keep = rows.keep if param.dim() >= 2 else partial(_keep_flat, rows)
+        keep = (lambda t, field: rows.keep(t)) if param.dim() >= 2 else partial(_keep_flat, rows, group["block_size"])
         _store(state, "m", m_codec.encode(exp_avg), keep, m_codec.replicated)
         # rank-1: the column maxima are a max over every rank's rows (a MAX all-reduce of n floats)
         v_fields = v_codec.encode(exp_avg_sq, rows.max) if v_kind == "rank1" else v_codec.encode(exp_avg_sq)
@@ -134,15 +142,18 @@ def _warn_if_flat(param: Tensor, group: dict) -> None:
         "or DDP; v_norm='block' silences this warning. (Warned once.)", stacklevel=2)
 
 
-def _keep_flat(rows: Rows, t: Tensor):
+def _keep_flat(rows: Rows, block_size: int, t: Tensor, field: str):
     """Keep a 1-D per-rank state tensor whose length is not the shard's (the packed codes and block scales of a
     1-D parameter's shard): a ``Shard(0)`` DTensor whose global length is the sum of the ranks' lengths. Those
     lengths (ceil(k/2) bytes, ceil(k/block_size) scales of a torch.chunk split of k) are again the torch.chunk split
     of their sum, so DCP places them right; the layout equals the unsharded one when every shard starts at a
-    multiple of ``block_size``. Unsharded: ``t`` itself."""
+    multiple of ``block_size``. The sum is computed from the split on the host (no collective, no sync).
+    Unsharded: ``t`` itself."""
     if not rows.sharded:
         return t
-    total = int(rows.sum(torch.tensor([t.shape[0]], device=t.device)).item())  # once, when state is created
+    chunk = math.ceil(rows.total / rows.world) if rows.total else 0
+    held = [max(0, min(chunk, rows.total - j * chunk)) for j in range(rows.world)]
+    total = sum((k + 1) // 2 if field == "codes" else -(-k // block_size) for k in held)
     return rows.keep(t, total=total)
 
 
@@ -155,7 +166,7 @@ def _store(state: dict, prefix: str, fields: dict[str, Tensor], keep: Callable, 
         if key in state:
             local(state[key]).copy_(value)
         else:
-            state[key] = value if name in replicated else keep(value)
+            state[key] = value if name in replicated else keep(value, name)
 
 
 def _fields(state: dict, prefix: str) -> dict[str, Tensor]:

@@ -5,7 +5,8 @@ A method subclasses :class:`MemtrainOptimizer`, names the roles it transforms in
 
 * role-tagged param groups (built by ``routing.build_param_groups``); each group records the ``method`` that
   updates it: the subclass for owned roles, the AdamW fallback (AdamW-T, specs/README.md §2.4) for the rest,
-  with its own ``adam_lr`` / betas / ε options;
+  with its own ``adam_lr`` / betas / ε options, or the method ``use_fallback`` chose (``adam4bit``, ``adafactor``);
+* no host sync in a step: warnings that depend on tensor values are device flags, emitted by ``flush_warnings``;
 * lazy state: nothing is created before the first ``step()`` that sees a gradient, and state holds only
   tensors and Python numbers, so ``torch.load(weights_only=True)`` resume and accelerate's FSDP2 parameter
   swap both work;
@@ -20,6 +21,7 @@ A method subclasses :class:`MemtrainOptimizer`, names the roles it transforms in
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 from itertools import chain
 from typing import Any, Callable, ClassVar, Iterable
@@ -29,10 +31,13 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
+from .routing import ROLES
 from .sharding import Rows, local, unsharded
 from .transforms import adamw_t_
 
 FALLBACK = "adamw"
+#: Methods that can update the roles a method does not own (``fallback=``, :meth:`MemtrainOptimizer.use_fallback`).
+FALLBACKS = ("adamw", "adam4bit", "adafactor")
 SHAPED_ROLES = ("matrix", "embedding", "head")
 
 
@@ -144,6 +149,74 @@ class MemtrainOptimizer(Optimizer):
                 if adam_lr is not None:
                     group["lr"] = adam_lr
             group.setdefault("names", [""] * len(group["params"]))
+        self._flagged: dict[str, tuple[Tensor, str]] = {}  # lazy warnings: key -> (device flag, message)
+        self._warned_keys: set[str] = set()
+        self._fallbacks: dict[str, MemtrainOptimizer] = {}  # fallback method name -> its per-parameter update
+
+    # -- the method for the roles this one does not own ------------------------------------------------
+    def use_fallback(self, name: str) -> "MemtrainOptimizer":
+        """Update every group this method does not own (``method == "adamw"``: embedding, head, vectors, ... as
+        routed) with the registered method ``name`` instead of the AdamW fallback: ``"adamw"`` (the default, a
+        no-op), ``"adam4bit"`` (4-bit moments) or ``"adafactor"`` (factored second moment).
+
+        The update is that method's own per-parameter ``update()``, run by an instance of it that holds no
+        parameters, with that method's defaults for its options; lr, weight decay (and adam4bit's betas and ε) are
+        the group's, i.e. this method's fallback options (``adam_lr``, ``betas``, ``eps``). Call before the first
+        step (``build_optimizer(..., fallback=name)`` and ``optim_args="fallback=name"`` do). Returns ``self``."""
+        from .registry import get_spec  # late import: registry modules import this one
+
+        if name not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}, got {name!r}")
+        if name == FALLBACK:
+            return self
+        if self.state:
+            raise RuntimeError(f"{self.name}: choose the fallback before the first step (state exists already)")
+        spec = get_spec(name)
+        # An instance of the method over a placeholder: its update() and per-instance caches, never its groups.
+        method = spec.cls([torch.zeros(1)], lr=1e-3, **spec.defaults)
+        shared = ("lr", "weight_decay", "betas", "eps")  # the group's own values
+        options = {k: v for k, v in method.defaults.items() if k not in shared}
+        clash = sorted(set(options) & set(self.defaults))
+        if clash:
+            raise RuntimeError(f"{self.name}: fallback={name} options {clash} would overwrite this method's options")
+        groups = [g for g in self.param_groups
+                  if g["method"] == FALLBACK and g["role"] in ROLES and g["role"] not in self.owns]
+        if not groups:  # routed roles only: an adapter's own groups keep their update
+            raise ValueError(f"{self.name} updates every routed parameter itself (it owns roles "
+                             f"{', '.join(sorted(self.owns))}), so fallback={name} would change nothing; drop it")
+        for group in groups:
+            group.update(options, method=name)
+        self._fallbacks[name] = method
+        return self
+
+    # -- warnings about tensor values, without a host sync ---------------------------------------------
+    def flag_warning(self, key: str, flag: Tensor, message: str) -> None:
+        """Remember that ``message`` is due if the 0-d boolean ``flag`` is (or, for ``key``, ever was) True.
+
+        ``step()`` never reads a tensor value on the host (a GPU stall per parameter per step, and a failure under
+        ``FakeTensorMode``), so a warning that depends on values is recorded as a device flag, OR-ed per ``key``,
+        and emitted by :meth:`flush_warnings`, which memtrain's Trainer calls at every logging step."""
+        if key in self._warned_keys:
+            return
+        held = self._flagged.get(key)
+        self._flagged[key] = (flag if held is None else held[0] | flag, message)
+
+    def flush_warnings(self) -> list[str]:
+        """Emit (once per key) the recorded warnings whose flag is True, and return their messages. One host sync
+        for all of them; call it outside ``step()`` (memtrain's Trainer does at logging steps)."""
+        if not self._flagged:
+            return []
+        keys = list(self._flagged)
+        device = self._flagged[keys[0]][0].device
+        values = torch.stack([self._flagged[k][0].reshape(()).to(device, torch.bool) for k in keys]).tolist()
+        emitted = []
+        for key, value in zip(keys, values):
+            if value:
+                message = self._flagged.pop(key)[1]
+                self._warned_keys.add(key)
+                warnings.warn(message, stacklevel=2)
+                emitted.append(message)
+        return emitted
 
     # -- the per-parameter updates -------------------------------------------------------------------
     def update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
@@ -175,6 +248,8 @@ class MemtrainOptimizer(Optimizer):
             )
 
     def _update_fn(self, group: dict) -> Callable:
+        if group["method"] in self._fallbacks:
+            return self._fallbacks[group["method"]].update
         return self.adamw_update if group["method"] == FALLBACK else self.update
 
     # -- the loop -------------------------------------------------------------------------------------
@@ -182,23 +257,24 @@ class MemtrainOptimizer(Optimizer):
         """Refuse, before any state exists, parameters this method would silently get wrong."""
         if group["method"] == FALLBACK:
             return  # the AdamW fallback is elementwise: any shard layout is fine
+        method = self._fallbacks.get(group["method"], self)  # the method that updates this group
         name = group["names"][index] or f"group {group['role']} #{index}"
-        if self.needs_matrix_shape and group["role"] in SHAPED_ROLES and param.dim() < 2:
+        if method.needs_matrix_shape and group["role"] in SHAPED_ROLES and param.dim() < 2:
             raise RuntimeError(
-                f"{self.name}: parameter {name!r} (role {group['role']}) arrived as a flattened "
+                f"{method.name}: parameter {name!r} (role {group['role']}) arrived as a flattened "
                 f"{param.dim()}-D tensor of {param.numel()} elements, so its rows and columns are lost. FSDP1 and "
-                f"DeepSpeed ZeRO hand optimizers such flat shards. {self.name} needs the matrix shape: use FSDP2 "
+                f"DeepSpeed ZeRO hand optimizers such flat shards. {method.name} needs the matrix shape: use FSDP2 "
                 "(fully_shard) or DDP, or pick an elementwise optimizer such as adamw."
             )
-        if isinstance(param, DTensor) and not _registered_fsdp2(self.name):
+        if isinstance(param, DTensor) and not _registered_fsdp2(method.name):
             raise RuntimeError(
-                f"{self.name}: parameter {name!r} is a sharded DTensor (FSDP2), and {self.name} is not verified "
+                f"{method.name}: parameter {name!r} is a sharded DTensor (FSDP2), and {method.name} is not verified "
                 f"exact on sharded weights yet. Use DDP (configs/accelerate/ddp.yaml), or an optimizer whose "
                 "capabilities list fsdp2 (python -m memtrain.optim)."
             )
-        if isinstance(param, DTensor) and self.needs_matrix_shape and group.get("layout") == "conv1d":
+        if isinstance(param, DTensor) and method.needs_matrix_shape and group.get("layout") == "conv1d":
             raise RuntimeError(  # Shard(0) of a stored [in, out] weight splits the columns (specs/README.md §2.7)
-                f"{self.name}: parameter {name!r} is a Conv1D weight (stored [in, out]) sharded by FSDP2, which then "
+                f"{method.name}: parameter {name!r} is a Conv1D weight (stored [in, out]) sharded by FSDP2, which then "
                 "splits its columns, not its rows; memtrain's matrix transforms support this layout only unsharded. "
                 "Use DDP, or an elementwise optimizer such as adamw."
             )
@@ -243,6 +319,12 @@ class MemtrainOptimizer(Optimizer):
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            if saved.get("method", group["method"]) != group["method"] and group["role"] not in self.owns:
+                raise ValueError(
+                    f"{self.name}: the checkpoint updated the {group['role']} group with {saved['method']!r}, this "
+                    f"optimizer with {group['method']!r}: resume with the fallback it was saved with "
+                    f"(fallback={saved['method']})")
         saved_state = state_dict["state"]
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         super().load_state_dict(state_dict)

@@ -12,6 +12,12 @@ State per projected parameter is plain (README §2.8): ints ``step``, ``side``, 
 ``P``, ``exp_avg``, ``exp_avg_sq`` (Fira: also the 0-d ``prev_residual_norm``). No projector object, so
 ``torch.load(weights_only=True)`` resume works; the randomized solver's seed is rebuilt from stored integers.
 
+A refresh whose gradient is non-finite or all zero keeps P and takes the step with a zero gradient, so neither the
+solver nor the moments ever see a bad value. This is decided on the device, never by a host branch (``step()``
+does not sync): ``step`` and ``refreshes`` count every step and every refresh step, and a matrix whose first
+refresh is bad keeps P = 0, so it makes no update (zero moments; only its decoupled weight decay applies) until
+its next scheduled refresh. The warning about it is emitted lazily, by ``flush_warnings()``.
+
 Under FSDP2 (galore.md §7, fira.md §7) ``update()`` gets this rank's rows G_k and the collectives of
 :class:`~memtrain.optim.sharding.Rows`:
 
@@ -29,7 +35,6 @@ Under FSDP2 (galore.md §7, fira.md §7) ``update()`` gets this rank's rows G_k 
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Literal
 
 import torch
@@ -95,7 +100,6 @@ class GaLore(MemtrainOptimizer):
         for group in self.param_groups:
             group["param_indices"] = list(range(index, index + len(group["params"])))
             index += len(group["params"])
-        self._warned: set[str] = set()
 
     # -- the roles GaLore does not project ----------------------------------------------------------------
     def adamw_update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
@@ -103,11 +107,6 @@ class GaLore(MemtrainOptimizer):
         self.adam_step(param, grad, state, group, T.adamw_hf_, rows)
 
     # -- the projected update -------------------------------------------------------------------------------
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, stacklevel=3)
-
     def _basis(self, G: Tensor, rank: int, side: int, state: dict, group: dict, index: int) -> Tensor:
         """The group's solver on the whole matrix G (sign-fixed if asked)."""
         solver = group["projector"]
@@ -139,25 +138,28 @@ class GaLore(MemtrainOptimizer):
         # DDP: every rank solved on the same G, but solvers need not be bitwise reproducible across devices
         return P if rows.sharded else _replicated_across_ranks(P)
 
-    def _refresh(self, G: Tensor, state: dict, group: dict, index: int, name: str, rows: Rows) -> bool:
-        """Replace P from the current gradient; False when G is non-finite or all zero (then P is kept).
+    def _refresh(self, G: Tensor, state: dict, group: dict, index: int, name: str, rows: Rows) -> Tensor:
+        """Replace P from the current gradient, unless G is non-finite or all zero (then P is kept). Returns the
+        gradient the step then uses: G itself, or zeros when it is bad.
 
-        The test is global (README §2.7): a MIN all-reduce of this rank's flags, so that every rank, one with an
-        empty or an all-zero shard too, takes the same branch and enters the same collectives. Only at refresh
-        steps, so the host sync is paid once per ``update_proj_gap``."""
-        local_flags = torch.stack([torch.isfinite(G).all(), (G == 0).all()])
-        finite, zero = (bool(x) for x in rows.all(local_flags).tolist())
-        if not finite or zero:
-            what = "non-finite" if not finite else "all-zero"
-            self._warn_once(f"bad:{name}", f"{self.name}: {what} gradient for {name or 'a parameter'} at a projector "
-                            "refresh; keeping the previous projector (or skipping the step if there is none)")
-            return False
+        No host sync (README §2.7; a GPU stall per refresh, and an error under ``FakeTensorMode``): the test is a
+        device flag, global under FSDP2 (a MIN all-reduce of this rank's flags). The solver always runs, so every
+        rank enters the same collectives, but on zeros when G is bad (it never sees a non-finite value), and its
+        basis is then discarded by ``torch.where``; for a good G every value is bitwise what a host branch gives.
+        A bad refresh is warned about lazily (:meth:`flush_warnings`)."""
+        flags = rows.all(torch.stack([torch.isfinite(G).all(), (G == 0).all()]))
+        ok = flags[0] & ~flags[1]
+        self.flag_warning(f"bad:{name}", ~ok, (
+            f"{self.name}: non-finite or all-zero gradient for {name or 'a parameter'} at a projector refresh; the "
+            "previous projector was kept and the step used a zero gradient (a matrix that had no projector yet "
+            "makes no update but its weight decay until the next refresh, every update_proj_gap steps)"))
+        G = torch.where(ok, G, torch.zeros((), dtype=G.dtype, device=G.device))
         side, P = state["side"], local(state["P"])
         rank = P.shape[0] if side == 0 else P.shape[1]  # [r, n] or [m_k, r]
         basis = self._solve(G, rank, side, state, group, index, rows)
-        P.copy_(basis if side == 0 else rows.mine(basis))  # side 1: this rank's rows of the [m, r] basis
+        P.copy_(torch.where(ok, basis if side == 0 else rows.mine(basis), P))  # side 1: this rank's rows of [m, r]
         state["refreshes"] += 1
-        return True
+        return G
 
     def projection_rank(self, group: dict, m: int, n: int) -> int:
         """The rank of an m×n matrix's projection: an SVD basis has at most min(m, n) vectors."""
@@ -165,7 +167,7 @@ class GaLore(MemtrainOptimizer):
 
     def init_state(self, G: Tensor, state: dict, group: dict, rows: Rows, name: str) -> None:
         """Every state entry of a projected parameter, zero, at its final shape, on the parameter's first step, even
-        when that step cannot refresh (``refreshes`` stays 0 until one does). Distributed checkpointing builds its
+        when that step's gradient is bad (then P stays zero until a refresh succeeds). Distributed checkpointing builds its
         load template from a zero-gradient step (README §2.8): an entry missing then is never restored on resume.
 
         Side 0: P ``[r, n]`` replicated, moments ``[m_k, r]`` this rank's rows (sharded like the weight); side 1:
@@ -196,8 +198,7 @@ class GaLore(MemtrainOptimizer):
             self.init_state(G, state, group, rows, name)
         phase = index % group["update_proj_gap"] if group["stagger_refresh"] else 0
         if state["refreshes"] == 0 or (state["step"] + phase) % group["update_proj_gap"] == 0:
-            if not self._refresh(G, state, group, index, name, rows) and state["refreshes"] == 0:
-                return  # no subspace yet: skip the step, retried at the next one (galore.md §2.1)
+            G = self._refresh(G, state, group, index, name, rows)  # a bad G is replaced by zeros (P kept)
         P, side = local(state["P"]), state["side"]
         R = T.project(G, P, side, row_sum=rows.sum)  # side 1: an r×n all-reduce under FSDP2
         state["step"] += 1

@@ -96,6 +96,12 @@ class _Table:
         byte = torch.arange(256)
         self.pair_lut = torch.stack([table[byte >> 4], table[byte & 0x0F]], dim=-1)  # [256, 2]
 
+    def to_(self, device: torch.device) -> "_Table":
+        """Move the tables to ``device`` (once; encode and decode then copy nothing per call)."""
+        self.values, self.thresholds, self.pair_lut = (t.to(device) for t in (self.values, self.thresholds,
+                                                                              self.pair_lut))
+        return self
+
     def decode_packed(self, packed: Tensor, width: int) -> Tensor:
         """Values of packed codes, ``[rows, width]`` (``width`` ≥ the number of codes; extra entries are 0)."""
         lut = self.pair_lut.to(packed.device)

@@ -25,8 +25,10 @@ BUILTIN_MODULES = ("adamw", "swan", "sinkgd", "scale", "galore", "adafactor", "a
 #: Arguments the training loop owns; they are not optim_args options.
 TRAINER_ARGS = ("lr", "weight_decay")
 #: Options every optimizer accepts, handled here rather than by each class: layer-wise gradient release
-#: (``layerwise.LayerwiseOptimizer``) and its per-parameter gradient clipping.
-UNIVERSAL_OPTIONS = {"layerwise": bool, "layerwise_clip": float}
+#: (``layerwise.LayerwiseOptimizer``), its per-parameter gradient clipping, and the method that updates the roles
+#: the optimizer does not own (``MemtrainOptimizer.use_fallback``; docs/registry-and-routing.md).
+UNIVERSAL_OPTIONS = {"layerwise": bool, "layerwise_clip": float, "fallback": Literal["adamw", "adam4bit", "adafactor"]}
+_UNIVERSAL_DEFAULTS = {"layerwise": False, "layerwise_clip": 0.0, "fallback": "adamw"}
 _NOT_OPTIONS = ("self", "params")
 
 
@@ -148,7 +150,8 @@ def format_options(name: str) -> str:
         default = spec.defaults.get(option, param.default)
         default = "required" if default is inspect.Parameter.empty else repr(default)
         rows.append((option, getattr(types[option], "__name__", str(types[option])).replace("typing.", ""), default))
-    rows += [(k, t.__name__, repr(False if t is bool else 0.0)) for k, t in UNIVERSAL_OPTIONS.items()]
+    rows += [(k, t.__name__ if isinstance(t, type) else str(t).replace("typing.", ""), repr(_UNIVERSAL_DEFAULTS[k]))
+             for k, t in UNIVERSAL_OPTIONS.items()]
     width = max(len(r[0]) for r in rows)
     twidth = max(len(r[1]) for r in rows)
     lines = [f"{spec.name}: {spec.description}", f"capabilities: "
@@ -303,7 +306,8 @@ def _target_module_rules(model: nn.Module, targets, rules):
 
 
 def build_optimizer(model_or_params, name: str, *, lr: float, weight_decay: float = 0.0, rules=None,
-                    target_modules=None, layerwise: bool = False, layerwise_clip: float = 0.0, **options):
+                    target_modules=None, layerwise: bool = False, layerwise_clip: float = 0.0, fallback: str = "adamw",
+                    **options):
     """Build the registered optimizer ``name``.
 
     Given an ``nn.Module``, parameters are routed by role (``routing.build_param_groups``; ``rules`` overrides
@@ -311,10 +315,11 @@ def build_optimizer(model_or_params, name: str, *, lr: float, weight_decay: floa
     ``matrix`` role to those modules). Given parameters or param groups, they are used as they are. ``lr`` is
     required: memtrain has no silent learning-rate default (specs/README.md §2.5). ``layerwise=True`` returns
     a :class:`~memtrain.optim.layerwise.LayerwiseOptimizer` around the optimizer (gradient release in backward).
+    ``fallback`` (``adamw``, ``adam4bit``, ``adafactor``) is the method for the roles ``name`` does not own.
     """
     spec = get_spec(name)
     merged = {**spec.defaults, **options, "lr": lr, "weight_decay": weight_decay}
-    validate_options(name, {**merged, "layerwise": layerwise, "layerwise_clip": layerwise_clip})
+    validate_options(name, {**merged, "layerwise": layerwise, "layerwise_clip": layerwise_clip, "fallback": fallback})
     if isinstance(model_or_params, nn.Module):
         if target_modules is not None:
             rules = _target_module_rules(model_or_params, target_modules, rules)
@@ -326,6 +331,8 @@ def build_optimizer(model_or_params, name: str, *, lr: float, weight_decay: floa
     else:
         params = model_or_params
     optimizer = spec.cls(params, **merged)
+    if fallback != "adamw":
+        optimizer.use_fallback(fallback)
     if layerwise:
         from .layerwise import LayerwiseOptimizer
 

@@ -191,30 +191,46 @@ def test_refresh_schedule_and_moments_carried_over():
 
 
 @pytest.mark.parametrize("bad", ["nan", "zero"])
-def test_non_finite_or_zero_gradient_never_reaches_the_solver(bad, monkeypatch):
+def test_non_finite_or_zero_gradient_never_reaches_the_solver_or_the_state(bad, monkeypatch):
+    """Decided on the device (no host sync in step()): the solver gets zeros instead of a bad G and its basis is
+    discarded; the step uses a zero gradient. A first bad refresh leaves P = 0: no update (but the decay) until the
+    next scheduled refresh. The warning comes from flush_warnings(), outside step()."""
     solve = transforms.svd_basis
 
     def checked(G, r, side):
-        assert torch.isfinite(G).all() and (G != 0).any()
+        assert torch.isfinite(G).all()
         return solve(G, r, side)
 
     monkeypatch.setattr(transforms, "svd_basis", checked)
     poison = (lambda g: g * float("nan")) if bad == "nan" else torch.zeros_like
     w = torch.nn.Parameter(torch.randn(64, 32))
     opt = GaLore([w], lr=1e-2, rank=8, update_proj_gap=3)
-    gs = grads((64, 32), 5)
+    gs = grads((64, 32), 8)
     w0 = w.detach().clone()
     w.grad = poison(gs[0])
-    with pytest.warns(UserWarning, match="non-finite" if bad == "nan" else "all-zero"):
-        opt.step()  # first step: no subspace yet -> skipped (the state exists, zero, for DCP's load template)
-    assert opt.state[w]["refreshes"] == 0 and opt.state[w]["step"] == 0 and torch.equal(w.detach(), w0)
-    for t in (1, 2, 3):  # the next good gradient makes the first refresh; refreshes at step counts 0, 3
+    opt.step()  # first step: no subspace -> P stays zero, no update (weight_decay=0 here), no warning yet
+    state = opt.state[w]
+    assert state["refreshes"] == 1 and state["step"] == 1 and torch.equal(w.detach(), w0)
+    assert not state["P"].any() and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    with pytest.warns(UserWarning, match="non-finite or all-zero gradient for a parameter"):
+        assert len(opt.flush_warnings()) == 1
+    assert opt.flush_warnings() == []  # once per parameter
+    for t in (1, 2):  # no projector until the next scheduled refresh (step count 3): nothing moves
         w.grad = gs[t]
         opt.step()
-    P = opt.state[w]["P"].clone()
-    w.grad = poison(gs[4])  # step count 3: a refresh step, the old P is kept
+    assert torch.equal(w.detach(), w0) and not state["exp_avg"].any()
+    w.grad = gs[3]  # the refresh: from here on exactly GaLore started at this step (but for the bias correction)
     opt.step()
-    assert torch.equal(opt.state[w]["P"], P) and opt.state[w]["refreshes"] == 1
+    assert state["refreshes"] == 2 and state["P"].any() and not torch.equal(w.detach(), w0)
+    for t in (4, 5):
+        w.grad = gs[t]
+        opt.step()
+    P, m = state["P"].clone(), state["exp_avg"].clone()
+    w.grad = poison(gs[6])  # step count 6: a refresh step, the old P is kept and the step uses a zero gradient
+    opt.step()
+    assert torch.equal(state["P"], P) and state["refreshes"] == 3
+    torch.testing.assert_close(state["exp_avg"], B1 * m, rtol=0, atol=0)
+    assert torch.isfinite(w).all() and torch.isfinite(state["exp_avg_sq"]).all()
 
 
 def test_bad_options_are_refused_clearly():

@@ -100,22 +100,22 @@ def test_bf16_base_magnitude_is_fp32_row_norm():
 
 
 def independent_projected_adam(p, grads, lr, rank, gap, alpha, b1=0.9, b2=0.999, eps=1e-6, wd=0.0):
-    """galore.md §2.1 written out: refresh at step 0, T, ...; zero-gradient refresh with no P skips the step."""
+    """galore.md §2.1 written out: refresh at step 0, T, ... (and once more at step 1 if step 0 found no subspace);
+    a zero-gradient refresh keeps P, and with no P yet the step changes nothing (but it counts)."""
     P, mom, var, t = None, None, None, 0
     p = p.clone()
     for G in grads:
         m, n = G.shape
         side = 0 if m >= n else 1
-        if P is None or t % gap == 0:
-            if G.abs().sum() > 0:
-                U, _, Vh = torch.linalg.svd(G, full_matrices=False)
-                P = Vh[:rank] if side == 0 else U[:, :rank]
-            elif P is None:
-                continue
+        if (t % gap == 0 or (t == 1 and P is None)) and G.abs().sum() > 0:
+            U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+            P = Vh[:rank] if side == 0 else U[:, :rank]
+        t += 1
+        if P is None:
+            continue
         R = G @ P.T if side == 0 else P.T @ G
         if mom is None:
             mom, var = torch.zeros_like(R), torch.zeros_like(R)
-        t += 1
         mom = b1 * mom + (1 - b1) * R
         var = b2 * var + (1 - b2) * R * R
         Nd = mom / (var.sqrt() + eps)
@@ -141,7 +141,7 @@ def test_projected_optimizer_equals_independent_math():
         opt.step()
         opt.zero_grad()
     assert history[0][0].abs().sum() == 0  # the skipped first step of A
-    assert opt.state[A]["step"] == 4 and opt.state[B]["step"] == 5 and opt.state[B]["refreshes"] == 3
+    assert opt.state[A]["step"] == opt.state[B]["step"] == 5 and opt.state[B]["refreshes"] == 3
     for p, p0, grads in ((A, start[0], history[0]), (B, start[1], history[1])):
         expected = independent_projected_adam(p0, grads, lr, 4, gap, alpha, wd=wd)
         torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=1e-5)
