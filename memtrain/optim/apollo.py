@@ -16,25 +16,47 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from . import transforms as T
 from .galore import GaLore
 from .registry import OptimizerSpec, register
 from .sharding import Rows, local
 
-#: How many draws the seed chain advances per refresh (the reference's ``next_seed``: the 15th int64 of a CPU
-#: generator seeded with the current seed becomes the next seed).
+#: How many int64 draws the seed chain advances per refresh: the reference's ``next_seed`` takes the 15th int64 that
+#: ``torch.randint(0, 2**63 - 1, (15,))`` draws from a CPU generator seeded with the current seed.
 SEED_ADVANCE = 15
+_M32 = 0xFFFFFFFF
+
+
+def _mt19937(seed: int, count: int) -> list[int]:
+    """The first ``count`` 32-bit outputs of MT19937 seeded as torch's CPU generator seeds it (init_genrand with the
+    low 32 bits of the seed; Matsumoto & Nishimura 1998). Pure Python: no tensor, so no host read in a step and
+    nothing for FakeTensorMode to intercept."""
+    state = [seed & _M32]
+    for j in range(1, 624):
+        state.append((1812433253 * (state[-1] ^ (state[-1] >> 30)) + j) & _M32)
+    out, index = [], 624
+    while len(out) < count:
+        if index == 624:  # regenerate the 624 words
+            for i in range(624):
+                y = (state[i] & 0x80000000) | (state[(i + 1) % 624] & 0x7FFFFFFF)
+                state[i] = state[(i + 397) % 624] ^ (y >> 1) ^ (0x9908B0DF if y & 1 else 0)
+            index = 0
+        y = state[index]
+        index += 1
+        y ^= y >> 11
+        y ^= (y << 7) & 0x9D2C5680
+        y ^= (y << 15) & 0xEFC60000
+        out.append(y ^ (y >> 18))
+    return out
 
 
 def next_seed(seed: int) -> int:
-    """The seed of the next projection. Drawn from a CPU generator, so every device and rank gets the same chain;
-    outside any fake-tensor mode, so that estimating memory under FakeTensorMode still sees real integers."""
-    with unset_fake_temporarily():
-        draws = torch.randint(0, torch.iinfo(torch.int64).max, (SEED_ADVANCE,),
-                              generator=torch.Generator().manual_seed(seed))
-        return int(draws[-1])
+    """The seed of the next projection: the last of SEED_ADVANCE int64 draws in [0, 2⁶³ − 1), each made of two 32-bit
+    outputs (high word first) reduced modulo the range, as torch's CPU ``randint`` draws them. Equal to the
+    reference's torch computation (tests/unit/test_apollo.py checks a chain of seeds against it)."""
+    words = _mt19937(seed, 2 * SEED_ADVANCE)
+    return ((words[-2] << 32) | words[-1]) % (2**63 - 1)
 
 
 def random_projection(shape: tuple[int, int], seed: int, rank: int, device) -> Tensor:
@@ -79,7 +101,7 @@ class APOLLO(GaLore):
         state["seed"] = rows.position + 1
         state["prev_scaled_norm"] = torch.zeros((), dtype=torch.float32, device=G.device)  # 0: no limit yet
 
-    def _refresh(self, G: Tensor, state: dict, group: dict, index: int, name: str, rows: Rows) -> bool:
+    def _refresh(self, G: Tensor, state: dict, group: dict, index: int, name: str, rows: Rows) -> Tensor:
         if group["proj"] == "svd":
             return super()._refresh(G, state, group, index, name, rows)
         # The random P never looks at G: no finite/zero test, no collective, no host sync; an all-zero first
@@ -91,7 +113,7 @@ class APOLLO(GaLore):
         P.copy_(basis if side == 0 else rows.mine(basis))
         state["seed"] = next_seed(state["seed"])
         state["refreshes"] += 1
-        return True
+        return G
 
     def low_rank_step(self, G: Tensor, R: Tensor, N: Tensor, P: Tensor, state: dict, group: dict,
                       rows: Rows) -> tuple[Tensor, float]:

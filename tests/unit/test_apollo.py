@@ -53,12 +53,13 @@ def test_seed_chain_and_projection_match_the_reference():
     from apollo_torch.random_projector import next_seed as reference_next_seed
 
     seeds = [1]
-    for _ in range(4):
+    for _ in range(20):
         seeds.append(next_seed(seeds[-1]))
     want = [1]
-    for _ in range(4):
+    for _ in range(20):
         want.append(reference_next_seed(want[-1]))
     assert seeds == want
+    assert all(next_seed(s) == reference_next_seed(s) for s in (0, 7, 2**32 + 3, 2**63 - 2))
     P = random_projection((8, 5), 7, 8, "cpu")
     assert torch.equal(P, torch.randn((8, 5), generator=torch.Generator().manual_seed(7)) / 8 ** 0.5)
 
