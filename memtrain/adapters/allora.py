@@ -22,14 +22,20 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from peft.tuners.lora.layer import Linear as LoraLinear
-from torch import nn
+from torch import Tensor, nn
 
 from ..optim.base import FALLBACK
-from ..optim.transforms import lora_row_norm
 from .common import build_adapter_optimizer, lora_layers, named_adapter_tensors, tensor_group
 
 METHOD = "allora"
 NORM_TARGETS = ("delta_row", "factor_rows")
+
+
+def lora_row_norm(A: Tensor, B: Tensor) -> Tensor:
+    """``‖(B A)_{i,:}‖₂`` per output row i, without forming B A: ``sqrt(rowsum(B (AAᵀ) ⊙ B))``, O((m+n)·r²).
+
+    Clamped at 0 before the root, since rounding can make a zero row's sum slightly negative."""
+    return ((B @ (A @ A.T)) * B).sum(dim=1).clamp_min(0).sqrt()
 
 
 def allora_scale(row_norm: torch.Tensor, eta: float, power: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 from ..optim.base import _check_betas, _check_hyper, fp32_view
-from ..optim.transforms import adam_direction_, adamw_hf_, svd_projector
+from ..optim import transforms as T
 from .common import build_adapter_optimizer, lora_layers, make_pair, named_adapter_tensors, tensor_group
 
 METHOD = "gradnormlorp"
@@ -130,15 +130,13 @@ class GradNormLoRPMixin:
         return super()._update_fn(group)
 
 
+#: The projected factors' Adam: torch's lerp for the first moment, ε on the uncorrected √V with the bias correction
+#: ``√(1−β2ᵗ)/(1−β1ᵗ)`` (a float power) folded into the direction, decay after the update (docs/adapters/gradnormlorp.md).
+PROJECTED_ADAM = T.AdamConvention(corrected_eps=False, decay_after=True, pow_root=True)
+
+
 def _adamw_hf_update(optimizer, param, grad, state, group, rows) -> None:
-    optimizer.adam_step(param, grad, state, group, adamw_hf_, rows)
-
-
-def _apply_hf(param, direction, lr, weight_decay) -> None:
-    with fp32_view(param) as p:
-        p.add_(direction, alpha=-lr)
-        if weight_decay != 0:  # AdamW-HF: decay after the update, on the full weight, plain lr
-            p.add_(p, alpha=-lr * weight_decay)
+    optimizer.adam_step(param, grad, state, group, T.HF, rows)
 
 
 def _projected_update(optimizer, param, grad, state, group, rows) -> None:
@@ -151,30 +149,32 @@ def _projected_update(optimizer, param, grad, state, group, rows) -> None:
                            "shards yet; train GradNormLoRP with DDP (configs/accelerate/ddp.yaml)")
     g = grad.float()
     m, n = g.shape
-    side = 0 if m >= n else 1
+    side = T.projector_side(m, n)
     rank = min(group["proj_rank"], m, n)
     if "projector" not in state or state["step"] % group["update_proj_gap"] == 0:
         # An all-zero (B = 0 init makes ∇A ≡ 0 at step 1) or non-finite gradient has no subspace: keep the old
         # projector, or skip the step entirely if there is none yet (retried at the next step).
         ok = bool(torch.isfinite(g).all()) and bool(g.any())
         if ok:
-            state["projector"] = svd_projector(g, rank, side)
+            state["projector"] = T.svd_basis(g, rank, side)
             state["side"] = side
             state["refreshes"] = state.get("refreshes", 0) + 1
             state.setdefault("step", 0)
         elif "projector" not in state:
             return
     P = state["projector"]
-    R = g @ P.T if side == 0 else P.T @ g
+    R = T.project(g, P, side)
     if "exp_avg" not in state:
         state["exp_avg"] = torch.zeros_like(R)
         state["exp_avg_sq"] = torch.zeros_like(R)
     state["step"] += 1
     beta1, beta2 = group["betas"]
-    N = adam_direction_(state["exp_avg"], state["exp_avg_sq"], R, step=state["step"], beta1=beta1, beta2=beta2,
-                        eps=group["eps"], torch_eps=False)
-    D = N @ P if side == 0 else P @ N
-    _apply_hf(param, D.mul_(group["proj_scale"]), group["lr"], group["weight_decay"])
+    N = T.adam_direction_(R, state["exp_avg"], state["exp_avg_sq"], step=state["step"], beta1=beta1, beta2=beta2,
+                          eps=group["eps"], convention=PROJECTED_ADAM)
+    N = N * T.hf_step_size(1.0, state["step"], beta1, beta2, pow_root=PROJECTED_ADAM.pow_root)
+    D = T.project_back(N, P, side).mul_(group["proj_scale"])
+    with fp32_view(param) as p:
+        T.descend_(p, D, lr=group["lr"], weight_decay=group["weight_decay"], decay_after=PROJECTED_ADAM.decay_after)
 
 
 def create_gradnormlorp_optimizer(

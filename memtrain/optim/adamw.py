@@ -10,20 +10,14 @@ for bf16 parameters, whose update is computed in fp32 and rounded once.
 from __future__ import annotations
 
 from .base import MemtrainOptimizer
-from .registry import OptimizerSpec, register
 
 
 class AdamW(MemtrainOptimizer):
     name = "adamw"
+    description = "AdamW (torch convention) on every parameter; the baseline, 8 B/param of fp32 state"
     owns = frozenset()
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8):
         super().__init__(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
 
-
-register(OptimizerSpec(
-    name="adamw",
-    cls=AdamW,
-    description="AdamW (torch convention) on every parameter; the baseline, 8 B/param of fp32 state",
-))

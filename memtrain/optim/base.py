@@ -19,10 +19,13 @@ A method subclasses :class:`MemtrainOptimizer`, names the roles it transforms in
 """
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from contextlib import contextmanager
 from itertools import chain
-from typing import Any, Callable, ClassVar, Iterable
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -30,7 +33,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from .sharding import Rows, local, unsharded
-from .transforms import adamw_t_
+from .transforms import TORCH, AdamConvention, adam_
 
 FALLBACK = "adamw"
 SHAPED_ROLES = ("matrix", "embedding", "head")
@@ -53,6 +56,19 @@ def _check_betas(name: str, betas) -> tuple[float, float]:
     return beta1, beta2
 
 
+def warn_once(seen: set, key, message: str, *, logger: logging.Logger | None = None, stacklevel: int = 2) -> None:
+    """Say ``message`` the first time ``key`` enters ``seen``, the caller's scope: a module-level set (once per
+    process) or an instance's (once per optimizer). A ``UserWarning`` pointing ``stacklevel`` frames above the
+    caller, or ``logger.warning`` where the notice is information rather than a problem with the user's call."""
+    if key in seen:
+        return
+    seen.add(key)
+    if logger is not None:
+        logger.warning(message)
+    else:
+        warnings.warn(message, stacklevel=stacklevel + 1)
+
+
 def _tag_untyped_groups(params) -> list[dict]:
     """Plain parameters (not built by ``build_optimizer``) carry no role. Give them one by shape: 2+ dims ->
     ``matrix``, else ``vector``. This cannot tell an embedding from a matrix; use ``build_optimizer(model, ...)``
@@ -72,14 +88,6 @@ def _tag_untyped_groups(params) -> list[dict]:
             if members:
                 tagged.append({**group, "params": members, "role": role})
     return tagged
-
-
-def _registered_fsdp2(name: str) -> bool:
-    """The registry's fsdp2 capability of ``name`` (True for unregistered subclasses: nothing to check)."""
-    from .registry import _REGISTRY  # late import: registry modules import this one
-
-    spec = _REGISTRY.get(name)
-    return spec is None or spec.fsdp2
 
 
 @contextmanager
@@ -109,13 +117,25 @@ def _restore_dtypes(loaded, saved):
 
 
 class MemtrainOptimizer(Optimizer):
-    """Base class: subclasses set ``name``, ``owns`` and implement :meth:`update`."""
+    """Base class: subclasses set ``name``, ``description``, ``owns`` (and the capabilities that differ from the
+    defaults below) and implement :meth:`update`. The registry reads all of it from the class."""
 
     name: ClassVar[str] = "base"
+    #: One line for ``memtrain list``.
+    description: ClassVar[str] = ""
     #: Roles this method transforms; every other role is updated by the AdamW fallback.
     owns: ClassVar[frozenset[str]] = frozenset()
     #: Whether the transform needs the 2-D shape (refuses flattened 1-D shards of shaped roles).
     needs_matrix_shape: ClassVar[bool] = False
+    #: Keeps no per-parameter state on the roles it owns.
+    stateless: ClassVar[bool] = False
+    #: Runs exactly under FSDP2 (DTensor ``Shard(0)`` parameters).
+    fsdp2: ClassVar[bool] = True
+    #: Runs as a DeepSpeed ZeRO client optimizer (flat 1-D partitions).
+    deepspeed: ClassVar[bool] = True
+    #: Preset option values (a method's hyperparameter table) passed unless the user overrides them; never ``lr``.
+    #: (Not called ``defaults``: torch's ``Optimizer.defaults`` is the instance's dict of group defaults.)
+    presets: ClassVar[Mapping[str, Any]] = MappingProxyType({})
 
     def __init__(
         self,
@@ -154,14 +174,14 @@ class MemtrainOptimizer(Optimizer):
 
     def adamw_update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
         """The AdamW-T fallback for roles the method does not own (and the whole of ``adamw``)."""
-        self.adam_step(param, grad, state, group, adamw_t_, rows)
+        self.adam_step(param, grad, state, group, TORCH, rows)
 
     @staticmethod
-    def adam_step(param: Tensor, grad: Tensor, state: dict, group: dict, kernel: Callable, rows: Rows) -> None:
-        """One Adam-family step with fp32 ``exp_avg``/``exp_avg_sq`` state and the group's lr, betas, ε and
-        decay: lazy state, counter, fp32 math written back in the param dtype. ``kernel`` is the convention
-        (``transforms.adamw_t_``, ``adamw_hf_``, …), called as ``kernel(p32, g32, m, v, step=, lr=, beta1=,
-        beta2=, eps=, weight_decay=)``. Elementwise, so the moments are sharded like the parameter."""
+    def adam_step(param: Tensor, grad: Tensor, state: dict, group: dict, convention: AdamConvention,
+                  rows: Rows) -> None:
+        """One Adam-family step (``transforms.adam_`` in ``convention``: ``TORCH``, ``HF``, ``SCALE``) with fp32
+        ``exp_avg``/``exp_avg_sq`` state and the group's lr, betas, ε and decay: lazy state, counter, fp32 math
+        written back in the param dtype. Elementwise, so the moments are sharded like the parameter."""
         if not state:
             state["step"] = 0
             state["exp_avg"] = rows.keep(torch.zeros_like(param, dtype=torch.float32))
@@ -169,10 +189,9 @@ class MemtrainOptimizer(Optimizer):
         state["step"] += 1
         beta1, beta2 = group["betas"]
         with fp32_view(param) as p32:
-            kernel(
-                p32, grad.float(), local(state["exp_avg"]), local(state["exp_avg_sq"]), step=state["step"], lr=group["lr"],
-                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            )
+            adam_(p32, grad.float(), local(state["exp_avg"]), local(state["exp_avg_sq"]), step=state["step"],
+                  lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                  convention=convention)
 
     def _update_fn(self, group: dict) -> Callable:
         return self.adamw_update if group["method"] == FALLBACK else self.update
@@ -190,7 +209,7 @@ class MemtrainOptimizer(Optimizer):
                 f"DeepSpeed ZeRO hand optimizers such flat shards. {self.name} needs the matrix shape: use FSDP2 "
                 "(fully_shard) or DDP, or pick an elementwise optimizer such as adamw."
             )
-        if isinstance(param, DTensor) and not _registered_fsdp2(self.name):
+        if isinstance(param, DTensor) and not self.fsdp2:
             raise RuntimeError(
                 f"{self.name}: parameter {name!r} is a sharded DTensor (FSDP2), and {self.name} is not verified "
                 f"exact on sharded weights yet. Use DDP (configs/accelerate/ddp.yaml), or an optimizer whose "

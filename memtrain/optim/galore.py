@@ -29,17 +29,17 @@ Under FSDP2 (galore.md §7, fira.md §7) ``update()`` gets this rank's rows G_k 
 from __future__ import annotations
 
 import logging
-import warnings
-from typing import Literal
+import math
+from typing import Callable, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from . import transforms as T
+from .transforms import _here, _whole, ieee_fp32
 from .sharding import Rows, local, unsharded
-from .base import MemtrainOptimizer, fp32_view
-from .registry import OptimizerSpec, register
+from .base import MemtrainOptimizer, fp32_view, warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +55,65 @@ def _replicated_across_ranks(P: Tensor) -> Tensor:
     return P
 
 
+def sign_fix_(basis: Tensor, side: int) -> Tensor:
+    """Flip each basis vector (rows of a side-0 ``[r, n]``, columns of a side-1 ``[m, r]``) so that its entry
+    of largest magnitude is positive (the first such entry on ties). Makes the basis independent of the
+    solver's sign convention. Needs the whole basis (under FSDP2 it runs before the basis is broadcast)."""
+    vectors = basis if side == 0 else basis.T  # [r, d], a view: flips write through
+    idx = vectors.abs().argmax(dim=1, keepdim=True)
+    signs = torch.sign(vectors.gather(1, idx))
+    vectors.mul_(torch.where(signs == 0, torch.ones_like(signs), signs))
+    return basis
+
+
+def gram_eigh_basis(G: Tensor, rank: int, side: int, *, gram_sum: Callable = _whole,
+                    on_owner: Callable = _here) -> Tensor:
+    """Top-``rank`` eigenvectors of ``GᵀG`` (side 0) or ``GGᵀ`` (side 1), by descending eigenvalue, sign-fixed.
+
+    The side-0 Gram is what an FSDP2 refresh can all-reduce (galore.md §7): with G this rank's rows, ``gram_sum``
+    sums ``G_kᵀG_k`` over ranks (n×n) and ``on_owner(solve, like)`` runs the eigensolver on one rank and broadcasts
+    the ``[rank, n]`` basis into ``like`` elsewhere, so it is bitwise identical on all ranks. ``GGᵀ`` (side 1)
+    pairs every row with every other: it needs the whole G."""
+    with ieee_fp32():
+        gram = gram_sum(G.T @ G) if side == 0 else G @ G.T
+
+    def solve() -> Tensor:
+        _, vecs = torch.linalg.eigh(gram)  # ascending
+        top = vecs[:, -rank:].flip(1)
+        return sign_fix_(top.T.contiguous() if side == 0 else top.contiguous(), side)
+
+    d = gram.shape[0]
+    return on_owner(solve, G.new_empty((rank, d) if side == 0 else (d, rank)))
+
+
+def randomized_basis(G: Tensor, rank: int, side: int, generator: torch.Generator, niter: int = 2) -> Tensor:
+    """Halko range finder (galore.md §2.2): the top-``rank`` left singular vectors of G (side 1), or the right
+    ones via Gᵀ (side 0). Ω is drawn on the CPU from ``generator`` so the global RNG is never touched. Needs the
+    whole G (under FSDP2: gathered, and solved on one rank)."""
+    A = G if side == 1 else G.T  # we want A's left singular vectors
+    d_s = min(A.shape)
+    q = min(rank + max(8, math.ceil(rank / 8)), d_s)
+    omega = torch.randn(A.shape[1], q, generator=generator, dtype=torch.float32).to(A.device)
+    with ieee_fp32():
+        Q = torch.linalg.qr(A @ omega).Q
+        for _ in range(niter):
+            Q = torch.linalg.qr(A @ (A.T @ Q)).Q
+        U_small, _, _ = torch.linalg.svd(Q.T @ A, full_matrices=False)
+        left = (Q @ U_small)[:, :rank]
+    return left.contiguous() if side == 1 else left.T.contiguous()
+
+
 class GaLore(MemtrainOptimizer):
     """GaLore with an AdamW-HF inner update (galore.md §2.1); AdamW-HF on every role but ``matrix``."""
 
     name = "galore"
+    description = "GaLore: AdamW-HF on a rank-r SVD projection of each matrix gradient, refreshed every T steps"
     owns = frozenset({"matrix"})
     needs_matrix_shape = True
+    # global refresh flags (MIN all-reduce); refresh: n×n Gram all-reduce (side 0, gram_eigh) or all-gather of G,
+    # basis on the owner rank + broadcast; side 1: r×n all-reduce of R every step
+    fsdp2 = True
+    deepspeed = False
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25,
@@ -100,27 +153,22 @@ class GaLore(MemtrainOptimizer):
     # -- the roles GaLore does not project ----------------------------------------------------------------
     def adamw_update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
         """AdamW-HF (README §2.4), no α: what GaLoreAdamW does for groups without a rank."""
-        self.adam_step(param, grad, state, group, T.adamw_hf_, rows)
+        self.adam_step(param, grad, state, group, T.HF, rows)
 
     # -- the projected update -------------------------------------------------------------------------------
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, stacklevel=3)
-
     def _basis(self, G: Tensor, rank: int, side: int, state: dict, group: dict, index: int) -> Tensor:
         """The group's solver on the whole matrix G (sign-fixed if asked)."""
         solver = group["projector"]
         if solver == "svd":
             P = T.svd_basis(G, rank, side)
         elif solver == "gram_eigh":
-            return T.gram_eigh_basis(G, rank, side)  # sign-fixed already
+            return gram_eigh_basis(G, rank, side)  # sign-fixed already
         else:
             refreshes = state.get("refreshes", 0)  # the value before this refresh's increment
             s64 = ((group["seed"] * 1_000_003 + index) * 1_000_003 + refreshes) % (2**63)
-            P = T.randomized_basis(G, rank, side, torch.Generator("cpu").manual_seed(s64))
+            P = randomized_basis(G, rank, side, torch.Generator("cpu").manual_seed(s64))
         if group["sign_fix"]:
-            T.sign_fix_(P, side)
+            sign_fix_(P, side)
         return P
 
     def _solve(self, G: Tensor, rank: int, side: int, state: dict, group: dict, index: int, rows: Rows) -> Tensor:
@@ -131,7 +179,7 @@ class GaLore(MemtrainOptimizer):
         (the spec's auto-switch) [DECISION]: the sharded run then equals the single-process run with the same
         options. Either way one rank (``rows.owner``) solves and broadcasts."""
         if group["projector"] == "gram_eigh" and side == 0:
-            P = T.gram_eigh_basis(G, rank, side, gram_sum=rows.sum, on_owner=rows.on_owner)
+            P = gram_eigh_basis(G, rank, side, gram_sum=rows.sum, on_owner=rows.on_owner)
         else:
             whole = rows.gather(G)
             shape = (rank, whole.shape[1]) if side == 0 else (whole.shape[0], rank)
@@ -149,8 +197,9 @@ class GaLore(MemtrainOptimizer):
         finite, zero = (bool(x) for x in rows.all(local_flags).tolist())
         if not finite or zero:
             what = "non-finite" if not finite else "all-zero"
-            self._warn_once(f"bad:{name}", f"{self.name}: {what} gradient for {name or 'a parameter'} at a projector "
-                            "refresh; keeping the previous projector (or skipping the step if there is none)")
+            warn_once(self._warned, f"bad:{name}", f"{self.name}: {what} gradient for {name or 'a parameter'} at a "
+                      "projector refresh; keeping the previous projector (or skipping the step if there is none)",
+                      stacklevel=3)
             return False
         side, P = state["side"], local(state["P"])
         rank = P.shape[0] if side == 0 else P.shape[1]  # [r, n] or [m_k, r]
@@ -198,13 +247,12 @@ class GaLore(MemtrainOptimizer):
         R = T.project(G, P, side, row_sum=rows.sum)  # side 1: an r×n all-reduce under FSDP2
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        N = T.adam_hf_direction_(R, local(state["exp_avg"]), local(state["exp_avg_sq"]), beta1=beta1, beta2=beta2,
-                                 eps=group["eps"])
+        N = T.adam_direction_(R, local(state["exp_avg"]), local(state["exp_avg_sq"]), step=state["step"],
+                              beta1=beta1, beta2=beta2, eps=group["eps"], convention=T.HF)
         direction, coefficient = self.low_rank_step(G, R, N, P, state, group, rows)
         with fp32_view(param) as p32:
-            w = p32.T if conv1d else p32
-            w.add_(direction, alpha=-coefficient)
-            T.decay_after_(w, lr=group["lr"], weight_decay=group["weight_decay"])
+            T.descend_(p32.T if conv1d else p32, direction, lr=group["lr"], weight_decay=group["weight_decay"],
+                       step_size=coefficient, decay_after=True)
 
     def low_rank_step(self, G: Tensor, R: Tensor, N: Tensor, P: Tensor, state: dict, group: dict,
                       rows: Rows) -> tuple[Tensor, float]:
@@ -213,74 +261,3 @@ class GaLore(MemtrainOptimizer):
         beta1, beta2 = group["betas"]
         D = T.project_back(N, P, state["side"]) * group["scale"]
         return D, T.hf_step_size(group["lr"], state["step"], beta1, beta2)
-
-
-class Fira(GaLore):
-    """GaLore plus Fira's norm-scaled residual and norm-growth limiter (fira.md §2).
-
-    ``residual_mode="code"`` (default) is ``fira==1.0.2``: ``S = φ⊙(G − α·back(R))``, α on the Adam term only.
-    ``"paper"`` is the paper's Algorithm 1: ``S = c_t·φ⊙(G − back(R))``, α on both terms."""
-
-    name = "fira"
-
-    def __init__(self, params, *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, rank: int = 128, update_proj_gap: int = 200, alpha: float = 0.25,
-                 gamma: float = 1.01, residual_mode: Literal["code", "paper"] = "code",
-                 scaling: Literal["vector", "matrix"] = "vector",
-                 proj_type: Literal["std", "reverse_std", "left", "right"] = "std",
-                 projector: Literal["svd", "randomized", "gram_eigh"] = "svd", sign_fix: bool = False,
-                 seed: int = 0, stagger_refresh: bool = False):
-        if residual_mode not in ("code", "paper"):
-            raise ValueError(f"residual_mode must be 'code' (fira 1.0.2) or 'paper' (Algorithm 1), got {residual_mode!r}")
-        if scaling not in ("vector", "matrix"):
-            raise ValueError(f"scaling must be 'vector' (per row/column) or 'matrix', got {scaling!r}")
-        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not gamma >= 1.0:
-            raise ValueError(f"gamma (the norm-growth limit) must be a number >= 1, got {gamma!r}")
-        self._setup(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, rank=rank,
-                    update_proj_gap=update_proj_gap, scale=alpha, proj_type=proj_type, projector=projector,
-                    sign_fix=sign_fix, seed=seed, stagger_refresh=stagger_refresh, gamma=float(gamma),
-                    residual_mode=residual_mode, scaling=scaling)
-
-    def init_state(self, G, state, group, rows, name):
-        super().init_state(G, state, group, rows, name)
-        # replicated (computed from the all-reduced ‖S‖); 0 = no limit on the first residual
-        state["prev_residual_norm"] = torch.zeros((), dtype=torch.float32, device=G.device)
-
-    def low_rank_step(self, G, R, N, P, state, group, rows):
-        side, alpha = state["side"], group["scale"]
-        beta1, beta2 = group["betas"]
-        # φ reduces over r only: local on side 0's row blocks, and side 1's R and N are replicated. The whole-matrix
-        # norms (scaling="matrix" of side 0's [m_k, r] blocks, and ‖S‖ of the [m_k, n] residual) are all-reduced.
-        matrix_norm = rows.norm if side == 0 else torch.linalg.vector_norm
-        if group["residual_mode"] == "code":
-            phi = T.fira_scaling(N, R, side, group["scaling"], norm=matrix_norm)
-            S = (G - T.project_back(R, P, side) * alpha) * phi
-            S, state["prev_residual_norm"] = T.limit_norm_growth(S, state["prev_residual_norm"], group["gamma"],
-                                                                 norm=rows.norm)
-            D = T.project_back(N, P, side) * alpha + S
-            return D, T.hf_step_size(group["lr"], state["step"], beta1, beta2)
-        c_t = T.hf_step_size(1.0, state["step"], beta1, beta2)
-        phi = T.fira_scaling(c_t * N, R, side, group["scaling"], norm=matrix_norm)
-        S = (G - T.project_back(R, P, side)) * phi
-        S, state["prev_residual_norm"] = T.limit_norm_growth(S, state["prev_residual_norm"], group["gamma"],
-                                                             norm=rows.norm)
-        return T.project_back(N, P, side) * c_t + S, group["lr"] * alpha
-
-
-register(OptimizerSpec(
-    name="galore",
-    cls=GaLore,
-    description="GaLore: AdamW-HF on a rank-r SVD projection of each matrix gradient, refreshed every T steps",
-    # global refresh flags (MIN all-reduce); refresh: n×n Gram all-reduce (side 0, gram_eigh) or all-gather of G,
-    # basis on the owner rank + broadcast; side 1: r×n all-reduce of R every step (galore.md §7)
-    fsdp2=True,
-    deepspeed=False,
-))
-register(OptimizerSpec(
-    name="fira",
-    cls=Fira,
-    description="Fira: GaLore plus the norm-scaled residual outside the subspace, with a norm-growth limiter",
-    # GaLore's collectives, plus scalar all-reduces of ‖S‖² (and of ‖N‖², ‖R‖² for side 0 with scaling="matrix")
-    fsdp2=True,
-    deepspeed=False,
-))

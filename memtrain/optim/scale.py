@@ -33,8 +33,7 @@ import torch
 
 from .sharding import local
 from .base import MemtrainOptimizer, _check_hyper, fp32_view
-from .registry import OptimizerSpec, register
-from .transforms import adamw_scale_, as_out_in, descend_, rms_normalize
+from .transforms import SCALE as SCALE_ADAMW, as_out_in, descend_, rms_normalize
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _BRANCH = {"matrix": "rows", "embedding": "columns", "head": "momentum", "other": "momentum", "vector": "adamw"}
@@ -42,8 +41,12 @@ _BRANCH = {"matrix": "rows", "embedding": "columns", "head": "momentum", "other"
 
 class SCALE(MemtrainOptimizer):
     name = "scale"
+    description = ("SCALE: row-RMS-normalised SGD on matrices, column-normalised embedding, momentum only on the "
+                   "head, AdamW on norm gains")
     owns = frozenset(_BRANCH)
     needs_matrix_shape = True
+    fsdp2 = True  # rows local, head momentum sharded, embedding column RMS: one all-reduce of d sums
+    deepspeed = False  # flat 1-D partitions have no rows: refused
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, adam_lr: float | None = None,
                  momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -77,7 +80,7 @@ class SCALE(MemtrainOptimizer):
     def update(self, param, grad, state, group, rows):
         branch, lr, wd = group["branch"], group["lr"], group["weight_decay"]
         if branch == "adamw":
-            self.adam_step(param, grad, state, group, adamw_scale_, rows)
+            self.adam_step(param, grad, state, group, SCALE_ADAMW, rows)
             return
         g = grad.float()
         if branch == "momentum":
@@ -94,12 +97,3 @@ class SCALE(MemtrainOptimizer):
         with fp32_view(param) as p32:
             descend_(as_out_in(p32, group.get("layout", "linear")), u, lr=lr, weight_decay=wd)
 
-
-register(OptimizerSpec(
-    name="scale",
-    cls=SCALE,
-    description="SCALE: row-RMS-normalised SGD on matrices, column-normalised embedding, momentum only on the head, "
-                "AdamW on norm gains",
-    fsdp2=True,  # rows local, head momentum sharded, embedding column RMS: one all-reduce of d sums (scale.md §7)
-    deepspeed=False,  # flat 1-D partitions have no rows: refused
-))

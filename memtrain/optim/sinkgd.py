@@ -7,16 +7,33 @@ is kept for these matrices; embedding, head and vector parameters get the AdamW-
 from __future__ import annotations
 
 import warnings
+from typing import Callable
+
+from torch import Tensor
 
 from .base import MemtrainOptimizer, _check_hyper, fp32_view
-from .registry import OptimizerSpec, register
-from .transforms import as_out_in, descend_, sinkhorn
+from .transforms import as_out_in, column_mean, descend_, rms_normalize
+
+
+def sinkhorn(g: Tensor, iterations: int = 5, eps: float = 1e-8, column_mean: Callable = column_mean) -> Tensor:
+    """SinkGD's square-root Sinkhorn (sinkgd.md §2): ``iterations`` alternations of row-, then column-RMS
+    normalisation. Columns come last, so every column RMS is exactly 1; rows converge geometrically to RMS 1."""
+    x = g
+    for _ in range(iterations):
+        x = rms_normalize(x, dim=1, eps=eps)
+        x = rms_normalize(x, dim=0, eps=eps, column_mean=column_mean)
+    return x
 
 
 class SinkGD(MemtrainOptimizer):
     name = "sinkgd"
+    description = ("SinkGD: alternating row/column RMS normalisation (Sinkhorn) of hidden-matrix gradients (no "
+                   "state there); AdamW-T on the rest")
     owns = frozenset({"matrix"})
     needs_matrix_shape = True
+    stateless = True
+    fsdp2 = True  # row steps local, one all-reduce of n column sums per iteration
+    deepspeed = False  # flat 1-D partitions have no rows: refused
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, adam_lr: float | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, iterations: int = 5,
@@ -40,13 +57,3 @@ class SinkGD(MemtrainOptimizer):
         with fp32_view(param) as p32:
             descend_(as_out_in(p32, group.get("layout", "linear")), delta, lr=group["lr"], weight_decay=group["weight_decay"])
 
-
-register(OptimizerSpec(
-    name="sinkgd",
-    cls=SinkGD,
-    description="SinkGD: alternating row/column RMS normalisation (Sinkhorn) of hidden-matrix gradients (no state "
-                "there); AdamW-T on the rest",
-    stateless=True,
-    fsdp2=True,  # row steps local, one all-reduce of n column sums per iteration (sinkgd.md §7)
-    deepspeed=False,  # flat 1-D partitions have no rows: refused
-))
