@@ -25,9 +25,14 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import Tensor, nn
 
 from ..optim.base import FALLBACK
+from ..optim.capabilities import engine_refusal
 from .common import build_adapter_optimizer, lora_layers, named_adapter_tensors, tensor_group
 
 METHOD = "allora"
+#: Engine needs (memtrain.optim.capabilities.engine_refusal): the delta_row module reads its whole layer in forward;
+#: the factor_rows reading also needs each factor's rows in the optimizer.
+CAPABILITIES = {"whole_module": True}
+FACTOR_ROWS_CAPABILITIES = {**CAPABILITIES, "needs_matrix_shape": True, "deepspeed": False}
 NORM_TARGETS = ("delta_row", "factor_rows")
 
 
@@ -166,8 +171,8 @@ class ALLoRAFactorRowsMixin:
 
 def _factor_rows_update(optimizer, param, grad, state, group, rows) -> None:
     if param.dim() != 2:
-        raise RuntimeError("allora factor_rows needs 2-D LoRA factors; flat shards (FSDP1/ZeRO) lose the rows: use "
-                           "FSDP2 (fully_shard) or DDP")
+        raise RuntimeError(engine_refusal("flat", "allora (norm_target='factor_rows')", **FACTOR_ROWS_CAPABILITIES,
+                                          alternative="norm_target='delta_row'"))
     c = allora_scale(param.detach().float().norm(dim=1, keepdim=True), group["allora_eta"], group["allora_power"])
     optimizer.adamw_update(param, grad.float() * c, state, group, rows)
 

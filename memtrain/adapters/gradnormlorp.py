@@ -28,9 +28,13 @@ from torch import nn
 
 from ..optim.base import _check_betas, _check_hyper, fp32_view
 from ..optim import transforms as T
+from ..optim.capabilities import engine_refusal
 from .common import build_adapter_optimizer, lora_layers, make_pair, named_adapter_tensors, tensor_group
 
 METHOD = "gradnormlorp"
+#: Engine needs (memtrain.optim.capabilities.engine_refusal): the projection needs each 2-D factor whole (not
+#: sharded for FSDP2 yet), and the module reads its whole layer in forward (ν from W0, A and B).
+CAPABILITIES = {"needs_matrix_shape": True, "deepspeed": False, "fsdp2": False, "whole_module": True}
 NORM_FLOOR = 1e-24  # ν² floor: ν ≥ 1e-12, and no infinite sqrt derivative on an exactly zero row
 
 
@@ -141,12 +145,9 @@ def _adamw_hf_update(optimizer, param, grad, state, group, rows) -> None:
 
 def _projected_update(optimizer, param, grad, state, group, rows) -> None:
     """galore.md §2.1 (proj_type "std") on one LoRA factor."""
-    if param.dim() != 2:
-        raise RuntimeError("gradnormlorp needs 2-D LoRA factors; flat shards (FSDP1/ZeRO) lose the rows: use FSDP2 "
-                           "(fully_shard) or DDP")
-    if rows.sharded:  # the SVD projector needs the whole factor gradient
-        raise RuntimeError("gradnormlorp: the projected update of the LoRA factors is not implemented on FSDP2 row "
-                           "shards yet; train GradNormLoRP with DDP (configs/accelerate/ddp.yaml)")
+    engine = "flat" if param.dim() != 2 else "fsdp2" if rows.sharded else None  # the SVD needs the whole factor
+    if engine:
+        raise RuntimeError(engine_refusal(engine, METHOD, **CAPABILITIES, alternative="plain LoRA (--adapter lora)"))
     g = grad.float()
     m, n = g.shape
     side = T.projector_side(m, n)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from ..optim.capabilities import engine_refusal
 from ..optim.sharding import Rows, local, unsharded
 from ..optim.base import FALLBACK, _check_betas, _check_hyper, fp32_view, warn_once
 from ..optim.transforms import adam_direction_
@@ -28,6 +29,8 @@ from .common import (build_adapter_optimizer, fallback_update_without_decay, lor
                      named_adapter_tensors, pair_group, plain_pair_problem, tensor_group)
 
 METHOD = "lorapro"
+#: Engine needs (memtrain.optim.capabilities.engine_refusal): pairs of 2-D factors, so no flat partitions.
+CAPABILITIES = {"needs_matrix_shape": True, "deepspeed": False}
 
 
 def lorapro_grams(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -132,10 +135,9 @@ class LoRAProMixin:
     def _check_pair(self, group: dict, A: nn.Parameter, B: nn.Parameter, index_a: int) -> None:
         if A.dim() != 2 or B.dim() != 2:
             raise RuntimeError(
-                f"lorapro: the LoRA factors of {group['names'][index_a]!r} arrived flattened ({A.dim()}-D/{B.dim()}-D); "
-                "FSDP1 and DeepSpeed ZeRO hand optimizers flat shards, so no (A, B) pair can be formed. Use FSDP2 "
-                "(fully_shard) or DDP."
-            )
+                f"lorapro: the LoRA factors of {group['names'][index_a]!r} arrived flattened ({A.dim()}-D/{B.dim()}-D), "
+                "so no (A, B) pair can be formed: "
+                + engine_refusal("flat", "lorapro", **CAPABILITIES, alternative="plain LoRA (--adapter lora)"))
         for p in (A, B):
             if p.grad is None:  # abnormal for a plain LoRA layer: treat as zeros, say so once
                 message = f"lorapro: {group['names'][index_a]!r}: one LoRA factor has no gradient; using zeros"

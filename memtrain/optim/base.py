@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
+from .capabilities import method_refusal
 from .sharding import Rows, local, unsharded
 from .transforms import TORCH, AdamConvention, adam_
 
@@ -202,19 +203,17 @@ class MemtrainOptimizer(Optimizer):
         if group["method"] == FALLBACK:
             return  # the AdamW fallback is elementwise: any shard layout is fine
         name = group["names"][index] or f"group {group['role']} #{index}"
-        if self.needs_matrix_shape and group["role"] in SHAPED_ROLES and param.dim() < 2:
-            raise RuntimeError(
-                f"{self.name}: parameter {name!r} (role {group['role']}) arrived as a flattened "
-                f"{param.dim()}-D tensor of {param.numel()} elements, so its rows and columns are lost. FSDP1 and "
-                f"DeepSpeed ZeRO hand optimizers such flat shards. {self.name} needs the matrix shape: use FSDP2 "
-                "(fully_shard) or DDP, or pick an elementwise optimizer such as adamw."
-            )
-        if isinstance(param, DTensor) and not self.fsdp2:
-            raise RuntimeError(
-                f"{self.name}: parameter {name!r} is a sharded DTensor (FSDP2), and {self.name} is not verified "
-                f"exact on sharded weights yet. Use DDP (configs/accelerate/ddp.yaml), or an optimizer whose "
-                "capabilities list fsdp2 (python -m memtrain.optim)."
-            )
+        if group["role"] in SHAPED_ROLES and param.dim() < 2:
+            refusal = method_refusal(self, "flat", self.name)
+            if refusal:
+                raise RuntimeError(f"{self.name}: parameter {name!r} (role {group['role']}) arrived as a flattened "
+                                   f"{param.dim()}-D tensor of {param.numel()} elements, so its rows and columns are "
+                                   f"lost: {refusal}")
+        if isinstance(param, DTensor):
+            refusal = method_refusal(self, "fsdp2", self.name,
+                                     alternative="an optimizer whose capabilities list fsdp2 (memtrain list)")
+            if refusal:
+                raise RuntimeError(f"{self.name}: parameter {name!r} is a sharded DTensor (FSDP2): {refusal}")
         if isinstance(param, DTensor) and self.needs_matrix_shape and group.get("layout") == "conv1d":
             raise RuntimeError(  # Shard(0) of a stored [in, out] weight splits the columns (specs/README.md §2.7)
                 f"{self.name}: parameter {name!r} is a Conv1D weight (stored [in, out]) sharded by FSDP2, which then "
