@@ -1,6 +1,6 @@
-"""ALLoRA (specs/allora.md): LoRA without dropout and without α/r scaling, whose gradients are scaled per output
-row by ``c_i = 1 / sqrt(ρ_i^p + 1/η²)``, ρ_i = ‖(B A)_{i,:}‖₂ (the reconstruction the spec decides on; the
-paper's exact formula is unverified).
+"""ALLoRA (Huang et al., arXiv 2410.09692; docs/adapters/allora.md): LoRA without dropout and without α/r scaling, whose
+gradients are scaled per output row by ``c_i = 1 / sqrt(ρ_i^p + 1/η²)``, ρ_i = ‖(B A)_{i,:}‖₂ (memtrain's
+reconstruction, docs/adapters/allora.md, "Math"; the paper's exact formula is unverified).
 
 * ``norm_target="delta_row"`` (default): inside backward, the LoRA branch's upstream gradient δ is scaled column
   by column (output channel i by c_i) before ∇A and ∇B are formed; ∂L/∂x uses the unscaled δ. This needs a
@@ -137,8 +137,8 @@ def allora_config(r: int = 8, target_modules="all-linear", base: LoraConfig | No
 
 
 def check_allora_model(model: nn.Module, trainable_only: bool = True) -> list:
-    """§3's per-module guard: every LoRA layer is an ``ALLoRALinear`` with scaling 1, no variant, no LoRA bias
-    and no dropout. Returns the ``(name, module, adapter)`` triples."""
+    """The per-module guard (docs/adapters/allora.md, "Use"): every LoRA layer is an ``ALLoRALinear`` with scaling 1, no
+    variant, no LoRA bias and no dropout. Returns the ``(name, module, adapter)`` triples."""
     layers = list(lora_layers(model, trainable_only))
     if not layers:
         raise ValueError("allora: the model has no trainable LoRA layers")

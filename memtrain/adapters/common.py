@@ -8,7 +8,7 @@ rsLoRA, ``rank_pattern`` and ``alpha_pattern`` are honoured. An optimizer group 
 ``weights_only``-loadable); ``step()`` never looks at names.
 
 Routing: memtrain's routing tags ``lora_A``/``lora_B`` weights ``matrix`` (they are ``nn.Linear`` weights). The
-adapter methods do not want a matrix method (SWAN, GaLore, ...) on the factors: their specs give the factors an
+adapter methods do not want a matrix method (SWAN, GaLore, ...) on the factors: their papers give the factors an
 Adam of their own. So each factory takes the adapter's tensors out of the routed groups and puts them in groups
 with role ``lora`` (a role no method owns, so the AdamW-T fallback unless the adapter takes over); every other
 trainable tensor keeps the chosen optimizer's routing.

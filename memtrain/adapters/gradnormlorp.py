@@ -1,5 +1,6 @@
-"""GradNormLoRP (specs/gradnormlorp.md): a weight-normalised LoRA, ``y = (g/ν) ⊙ (x W0ᵀ + s·(x Aᵀ) Bᵀ) + b`` with
-ν_i = ‖(W0 + s·B A)_{i,:}‖₂, whose factor gradients go through a GaLore-style low-rank projected AdamW-HF.
+"""GradNormLoRP (Huang et al., arXiv 2412.19616; docs/adapters/gradnormlorp.md): a weight-normalised LoRA, ``y = (g/ν) ⊙
+(x W0ᵀ + s·(x Aᵀ) Bᵀ) + b`` with ν_i = ‖(W0 + s·B A)_{i,:}‖₂, whose factor gradients go through a GaLore-style low-rank
+projected AdamW-HF.
 
 What is PEFT's and what is ours:
 * PEFT DoRA (``LoraConfig(use_dora=True)``) provides the parameters (``lora_A``, ``lora_B``,
@@ -10,10 +11,10 @@ What is PEFT's and what is ours:
   ``ν_i² = ‖W0_i‖² + 2s⟨B_i, (W0 Aᵀ)_i⟩ + s²·B_i (AAᵀ) B_iᵀ``. ``detach_norm=True`` is exactly PEFT's DoRA.
   ``‖W0_i‖²`` is recomputed in every forward (m·n work, next to the m·n·r of ``W0 Aᵀ``), so it can never go stale
   after PiSSA-style inits or later base-weight loads.
-* Ours: the optimizer. A ``[r, n]`` (side 1, left projector ``[r, r_p]``) and B ``[m, r]`` (side 0, right
-  projector ``[r_p, r]``) get GaLore's one-sided projected AdamW-HF (galore.md §2.1: SVD refresh every T steps,
-  all-zero/non-finite refreshes deferred, α on the projected direction, decay after the update); g gets plain
-  AdamW-HF. Other trainable tensors keep the chosen optimizer.
+* Ours: the optimizer. A ``[r, n]`` (side 1, left projector ``[r, r_p]``) and B ``[m, r]`` (side 0, right projector
+  ``[r_p, r]``) get GaLore's one-sided projected AdamW-HF (docs/optimizers/galore.md: SVD refresh every T steps,
+  all-zero/non-finite refreshes deferred, α on the projected direction, decay after the update); g gets plain AdamW-HF.
+  Other trainable tensors keep the chosen optimizer.
 """
 from __future__ import annotations
 
@@ -135,7 +136,8 @@ class GradNormLoRPMixin:
 
 
 #: The projected factors' Adam: torch's lerp for the first moment, ε on the uncorrected √V with the bias correction
-#: ``√(1−β2ᵗ)/(1−β1ᵗ)`` (a float power) folded into the direction, decay after the update (docs/adapters/gradnormlorp.md).
+#: ``√(1−β2ᵗ)/(1−β1ᵗ)`` (a float power) folded into the direction, decay after the update
+#: (docs/adapters/gradnormlorp.md).
 PROJECTED_ADAM = T.AdamConvention(corrected_eps=False, decay_after=True, pow_root=True)
 
 
@@ -144,7 +146,7 @@ def _adamw_hf_update(optimizer, param, grad, state, group, rows) -> None:
 
 
 def _projected_update(optimizer, param, grad, state, group, rows) -> None:
-    """galore.md §2.1 (proj_type "std") on one LoRA factor."""
+    """GaLore's projected step (docs/optimizers/galore.md, proj_type "std") on one LoRA factor."""
     engine = "flat" if param.dim() != 2 else "fsdp2" if rows.sharded else None  # the SVD needs the whole factor
     if engine:
         raise RuntimeError(engine_refusal(engine, METHOD, **CAPABILITIES, alternative="plain LoRA (--adapter lora)"))
@@ -215,7 +217,7 @@ def create_gradnormlorp_optimizer(
         proj_rank = ranks.pop()
     elif proj_rank < max(ranks):
         warnings.warn(f"gradnormlorp proj_rank={proj_rank} < r: rank(BA) is capped at proj_rank within each "
-                      "projection window (an ablation; specs/gradnormlorp.md §2.2)", stacklevel=2)
+                      "projection window (an ablation; docs/adapters/gradnormlorp.md)", stacklevel=2)
     common = dict(adapter=METHOD, method=METHOD, betas=betas, eps=float(eps))
     groups = [tensor_group(factors, gnl_project=1, proj_rank=int(proj_rank), update_proj_gap=int(update_proj_gap),
                            proj_scale=float(proj_scale), **common),

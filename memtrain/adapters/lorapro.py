@@ -1,5 +1,6 @@
-"""LoRA-Pro (specs/lorapro.md): the LoRA factor updates chosen so that the low-rank change of ``W_eff`` best
-approximates a full fine-tuning step. Optimizer-only: the model is plain PEFT LoRA and saves as such.
+"""LoRA-Pro (Wang et al., arXiv 2407.18242; docs/adapters/lorapro.md): the LoRA factor updates chosen so that the
+low-rank change of ``W_eff`` best approximates a full fine-tuning step. Optimizer-only: the model is plain PEFT LoRA and
+saves as such.
 
 ``mode="full"`` (default, the paper's AdamW): per adapted pair, the LoRA gradients are mapped to the equivalent
 full gradient ``G̃ = s(B h_A + h_B A)`` (the tangent-space projection of the true gradient), Adam runs on G̃ with
@@ -50,7 +51,7 @@ def lorapro_eigh(gram_b: Tensor, gram_a: Tensor) -> tuple[Tensor, Tensor, Tensor
 def lorapro_adjust(A: Tensor, B: Tensor, a: Tensor, b: Tensor, *, scaling: float, delta: float,
                    sylvester: bool, eig: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
                    row_sum: Callable = lambda t: t) -> tuple[Tensor, Tensor]:
-    """LoRA-Pro's closed-form adjusted factor gradients (specs/lorapro.md §2.1).
+    """LoRA-Pro's closed-form adjusted factor gradients (docs/adapters/lorapro.md, "Math").
 
     ``A [r, n]``, ``B [m, r]``, and a consistent gradient-like pair ``a [r, n]``, ``b [m, r]`` (true LoRA
     gradients ``s·BᵀG``, ``s·GAᵀ``). Returns ``(h_A, h_B)`` with ``s·(B h_A + h_B A)`` the orthogonal projection of
@@ -61,7 +62,7 @@ def lorapro_adjust(A: Tensor, B: Tensor, a: Tensor, b: Tensor, *, scaling: float
     (it depends on A and B only, so one decomposition serves both adjustments of a step, and can be batched).
     Under FSDP2 ``B``/``b`` (and so ``h_B``) may be this rank's rows while ``A``/``a`` are whole: the only sum over
     B's rows, ``Bᵀb``, then goes through ``row_sum`` (an r×r all-reduce), and ``eig`` must come from the
-    all-reduced ``BᵀB`` (specs/lorapro.md §7).
+    all-reduced ``BᵀB`` (docs/adapters/lorapro.md, "Distributed").
     """
     dtype = A.dtype
     eb, qb, ea, qa = eig if eig is not None else lorapro_eigh(*lorapro_grams(A, B))
@@ -105,14 +106,14 @@ class LoRAProMixin:
 
     def _group_step(self, group: dict) -> None:
         pairs = [(group["params"][ia], group["params"][ib], s, ia) for ia, ib, s in group.get("lora_pairs") or ()]
-        pairs = [p for p in pairs if p[0].grad is not None or p[1].grad is not None]  # else skipped (README §2.6)
+        pairs = [p for p in pairs if p[0].grad is not None or p[1].grad is not None]  # else skipped
         splits = []
         for A, B, _, index_a in pairs:
             self._check_pair(group, A, B, index_a)
             splits.append((self._rows(group, A, index_a), self._rows(group, B, index_a + 1)))
-        # Under FSDP2 (specs/lorapro.md §7) A [r, n] is gathered whole (r×n, small) and B [m, r] stays in row
-        # blocks: BᵀB is summed over ranks (r×r). One batched fp64 eigh of all pairs' r×r Grams per rank r (spec
-        # §6: not ~4 tiny calls per pair); each decomposition serves both adjustments of the pair's step.
+        # Under FSDP2 (docs/adapters/lorapro.md, "Distributed") A [r, n] is gathered whole (r×n, small) and B [m, r]
+        # stays in row blocks: BᵀB is summed over ranks (r×r). One batched fp64 eigh of all pairs' r×r Grams per rank r
+        # (not ~4 tiny calls per pair); each decomposition serves both adjustments of the pair's step.
         factors = [(ra.gather(local(A.detach())), local(B.detach())) for (A, B, _, _), (ra, _) in zip(pairs, splits)]
         eigs: dict[int, tuple] = {}
         by_rank: dict[int, list[int]] = {}
@@ -135,8 +136,8 @@ class LoRAProMixin:
     def _check_pair(self, group: dict, A: nn.Parameter, B: nn.Parameter, index_a: int) -> None:
         if A.dim() != 2 or B.dim() != 2:
             raise RuntimeError(
-                f"lorapro: the LoRA factors of {group['names'][index_a]!r} arrived flattened ({A.dim()}-D/{B.dim()}-D), "
-                "so no (A, B) pair can be formed: "
+                f"lorapro: the LoRA factors of {group['names'][index_a]!r} arrived flattened "
+                f"({A.dim()}-D/{B.dim()}-D), so no (A, B) pair can be formed: "
                 + engine_refusal("flat", "lorapro", **CAPABILITIES, alternative="plain LoRA (--adapter lora)"))
         for p in (A, B):
             if p.grad is None:  # abnormal for a plain LoRA layer: treat as zeros, say so once

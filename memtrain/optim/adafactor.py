@@ -1,8 +1,9 @@
 """``adafactor``: Adafactor (Shazeer & Stern 2018), numerically identical to ``transformers.optimization.Adafactor``.
 
-Specs: specs/adafactor.md. The second moment of every ≥2-D tensor is factored over its last two dims (a row and
-a column statistic, ≈ 0 B/param); 1-D tensors keep a full second moment. The update is clipped to RMS ≤ d, scaled
-by the step size α_t and, with ``beta1``, smoothed by a momentum on the scaled update (the T2T/HF form, not Adam's).
+Shazeer & Stern, arXiv 1804.04235; docs/optimizers/adafactor.md. The second moment of every ≥2-D tensor is factored over
+its last two dims (a row and a column statistic, ≈ 0 B/param); 1-D tensors keep a full second moment. The update is
+clipped to RMS ≤ d, scaled by the step size α_t and, with ``beta1``, smoothed by a momentum on the scaled update (the
+T2T/HF form, not Adam's).
 
 The name is HF's too. memtrain names take precedence in memtrain's ``TrainingArguments``, so with default
 options this class does exactly what HF Trainer's ``optim="adafactor"`` does: an external lr (the Trainer's
@@ -33,7 +34,7 @@ def rms(x: Tensor) -> Tensor:
 def mean_over_rows(x: Tensor) -> Tensor:
     """The mean over the second-to-last dim (keepdim): Adafactor's "over the rows" reduction, and the default
     ``column_mean`` of the two factored functions below. Under FSDP2 a sharded matrix passes
-    ``distributed.Rows.column_mean`` instead (same values, all-reduced over the row blocks)."""
+    ``sharding.Rows.column_mean`` instead (same values, all-reduced over the row blocks)."""
     return x.mean(dim=-2, keepdim=True)
 
 
@@ -70,7 +71,8 @@ def clip_by_rms_(update: Tensor, threshold: float, rms: Callable = rms) -> Tenso
 
 
 def global_rms(x: Tensor, rows: Rows) -> Tensor:
-    """RMS of the whole tensor whose rows ``x`` holds (adafactor.md §7: RMS(U) and RMS(p) are scalar all-reduces).
+    """RMS of the whole tensor whose rows ``x`` holds (under FSDP2 RMS(U) and RMS(p) are scalar all-reduces;
+    docs/optimizers/adafactor.md, "Distributed").
 
     Unsharded (one process, DDP): :func:`rms` itself, HF's ``norm(2) / sqrt(numel)``
     bit for bit. A row block: the sum of squares per row in fp32, across rows and ranks in fp64 (one 8-byte

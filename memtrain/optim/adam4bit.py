@@ -1,22 +1,22 @@
-"""``adam4bit``: AdamW whose two moments are stored in 4 bits (Li, Chen & Zhu 2023; specs/adam4bit.md).
+"""``adam4bit``: AdamW whose two moments are stored in 4 bits (Li, Chen & Zhu 2023, arXiv 2309.01507;
+docs/optimizers/adam4bit.md).
 
-The step is the shared AdamW-T step (``transforms.adam_`` in the torch convention, the same as ``adamw``): the moments are decoded
-to fp32 temporaries, updated together with the weight, and encoded again, so quantisation error only reaches the
-next step. Storage is :mod:`quant4`'s business: the first moment uses row-aligned blocks of ``block_size`` with
-the signed dynamic-exponent table (B128/DE); the second moment uses rank-1 (row max / column max) normalisation
-with the zero-free linear table (Rank-1/Linear, the paper's configuration), or blocks (``v_norm="block"``,
-torchao's and lpmm's default). Tensors with fewer than ``threshold`` elements (global count) keep fp32 moments
-and take the plain AdamW path.
+The step is the shared AdamW-T step (``transforms.adam_`` in the torch convention, the same as ``adamw``): the moments
+are decoded to fp32 temporaries, updated together with the weight, and encoded again, so quantisation error only reaches
+the next step. Storage is :mod:`quant4`'s business: the first moment uses row-aligned blocks of ``block_size`` with the
+signed dynamic-exponent table (B128/DE); the second moment uses rank-1 (row max / column max) normalisation with the
+zero-free linear table (Rank-1/Linear, the paper's configuration), or blocks (``v_norm="block"``, torchao's and lpmm's
+default). Tensors with fewer than ``threshold`` elements (global count) keep fp32 moments and take the plain AdamW path.
 
 State per quantised parameter: ``m_codes``/``v_codes`` (uint8, two codes per byte), ``m_scale`` and either
 ``v_row``/``v_col`` or ``v_scale`` (fp32), and the int ``step``; all plain tensors (under FSDP2, per-rank ones
 wrapped as ``Shard(0)`` DTensors), so ``weights_only`` resume works and the base ``load_state_dict`` keeps the
 uint8 codes uint8.
 
-FSDP2 (specs/adam4bit.md §7): blocks are row-aligned, so m and block v encode each rank's rows alone, bitwise as
-unsharded; their codes and scales are ``Shard(0)`` DTensors with the global shape. Rank-1 v keeps its row maxima
-with the rows and takes the column maxima from a MAX all-reduce (``v_col``, replicated). A 1-D tensor's shard is
-encoded in flat blocks of its own. DeepSpeed ZeRO's flat partitions get block v and a one-time warning.
+FSDP2 (docs/optimizers/adam4bit.md, "Distributed"): blocks are row-aligned, so m and block v encode each rank's rows
+alone, bitwise as unsharded; their codes and scales are ``Shard(0)`` DTensors with the global shape. Rank-1 v keeps its
+row maxima with the rows and takes the column maxima from a MAX all-reduce (``v_col``, replicated). A 1-D tensor's shard
+is encoded in flat blocks of its own. DeepSpeed ZeRO's flat partitions get block v and a one-time warning.
 """
 from __future__ import annotations
 
@@ -123,8 +123,8 @@ _warned: set[str] = set()
 
 
 def _warn_if_flat(param: Tensor, group: dict) -> None:
-    """Once per process: a matrix-role parameter that arrives 1-D (a DeepSpeed ZeRO or FSDP1 flat partition) cannot
-    have rank-1 V; it gets block V and blocks that follow the flat partition (specs/adam4bit.md §7)."""
+    """Once per process: a matrix-role parameter that arrives 1-D (a DeepSpeed ZeRO or FSDP1 flat partition) cannot have
+    rank-1 V; it gets block V and blocks that follow the flat partition (docs/optimizers/adam4bit.md, "Distributed")."""
     if param.dim() >= 2 or group["v_norm"] != "rank1" or group["role"] not in SHAPED_ROLES:
         return
     warn_once(_warned, "flat", 

@@ -1,4 +1,5 @@
-"""``adamw``: the baseline. AdamW in the torch convention on every parameter (specs/README.md §2.4).
+"""``adamw``: the baseline. AdamW in the torch convention on every parameter (docs/registry-and-routing.md, "The AdamW
+conventions").
 
 It is the base optimizer with no owned roles, so every group takes the shared AdamW path that all other
 methods use as their fallback. The update is a per-parameter loop rather than torch's ``foreach`` kernels, on

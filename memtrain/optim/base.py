@@ -4,7 +4,8 @@ A method subclasses :class:`MemtrainOptimizer`, names the roles it transforms in
 ``update()`` for one parameter. Everything else is here, once:
 
 * role-tagged param groups (built by ``routing.build_param_groups``); each group records the ``method`` that
-  updates it: the subclass for owned roles, the AdamW fallback (AdamW-T, specs/README.md §2.4) for the rest,
+  updates it: the subclass for owned roles, the AdamW fallback (AdamW-T, docs/registry-and-routing.md, "The AdamW
+  conventions") for the rest,
   with its own ``adam_lr`` / betas / ε options;
 * lazy state: nothing is created before the first ``step()`` that sees a gradient, and state holds only
   tensors and Python numbers, so ``torch.load(weights_only=True)`` resume and accelerate's FSDP2 parameter
@@ -15,7 +16,7 @@ A method subclasses :class:`MemtrainOptimizer`, names the roles it transforms in
 * the loud refusal of flattened 1-D shards for roles whose method needs the matrix shape;
 * FSDP2: ``update()`` gets the rank's local rows of a sharded parameter and its gradient, plus a
   :class:`~memtrain.optim.sharding.Rows` that provides the collectives the method's transforms need (see
-  ``memtrain/distributed.py``); unsharded parameters get the same call with identity collectives.
+  ``memtrain/optim/sharding.py``); unsharded parameters get the same call with identity collectives.
 """
 from __future__ import annotations
 
@@ -170,7 +171,7 @@ class MemtrainOptimizer(Optimizer):
     def update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
         """Update one parameter of an owned role in place. ``state`` is empty on the first call. Under FSDP2
         ``param``/``grad`` are this rank's rows and ``rows`` gives the collectives; state that holds this rank's
-        rows is stored with ``rows.keep()`` and read with ``distributed.local()``."""
+        rows is stored with ``rows.keep()`` and read with ``sharding.local()``."""
         raise NotImplementedError(f"{type(self).__name__} owns roles {sorted(self.owns)} but has no update()")
 
     def adamw_update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
@@ -215,7 +216,7 @@ class MemtrainOptimizer(Optimizer):
             if refusal:
                 raise RuntimeError(f"{self.name}: parameter {name!r} is a sharded DTensor (FSDP2): {refusal}")
         if isinstance(param, DTensor) and self.needs_matrix_shape and group.get("layout") == "conv1d":
-            raise RuntimeError(  # Shard(0) of a stored [in, out] weight splits the columns (specs/README.md §2.7)
+            raise RuntimeError(  # Shard(0) of a stored [in, out] weight splits the columns (docs/distributed.md)
                 f"{self.name}: parameter {name!r} is a Conv1D weight (stored [in, out]) sharded by FSDP2, which then "
                 "splits its columns, not its rows; memtrain's matrix transforms support this layout only unsharded. "
                 "Use DDP, or an elementwise optimizer such as adamw."
@@ -255,7 +256,7 @@ class MemtrainOptimizer(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for index, param in enumerate(group["params"]):
-                if param.grad is not None:  # None: skipped entirely, no state, no counter (specs/README.md §2.6)
+                if param.grad is not None:  # None: skipped, no state, no counter (docs/registry-and-routing.md)
                     self.step_param(param, param.grad, group, index)
         return loss
 

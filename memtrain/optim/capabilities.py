@@ -1,10 +1,10 @@
 """Which training engines a method can run under, and the message that refuses one (docs/distributed.md).
 
 The one source of truth for the engine rules: the optimizer base (a parameter that arrives flattened or sharded),
-memtrain's Trainer (the optimizer's engine, before training) and ``memtrain finetune`` (the adapter's engine) all
-ask :func:`engine_refusal`. Engines are named ``ddp`` (also one process), ``fsdp1``, ``fsdp2``, ``zero1``–``zero3``
-(DeepSpeed ZeRO stages; ``zero0`` too) and ``flat`` (a parameter seen as a flat 1-D shard: FSDP1 or ZeRO, the optimizer cannot
-tell which).
+memtrain's Trainer (the optimizer's engine, before training) and ``memtrain finetune`` (the adapter's engine) all ask
+:func:`engine_refusal`. Engines are named ``ddp`` (also one process), ``fsdp1``, ``fsdp2``, ``zero1``–``zero3``
+(DeepSpeed ZeRO stages; ``zero0`` too) and ``flat`` (a parameter seen as a flat 1-D shard: FSDP1 or ZeRO, the optimizer
+cannot tell which).
 
 * FSDP1 and ZeRO hand the optimizer flat 1-D partitions that cut across rows and parameters: a method that needs
   the matrix shape is refused under FSDP1 (``needs_matrix_shape``) and under ZeRO unless it declares ``deepspeed``.

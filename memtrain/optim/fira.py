@@ -42,7 +42,7 @@ def limit_norm_growth(S: Tensor, prev: Tensor, gamma: float,
 
 
 class Fira(GaLore):
-    """GaLore plus Fira's norm-scaled residual and norm-growth limiter (fira.md §2).
+    """GaLore plus Fira's norm-scaled residual and norm-growth limiter (docs/optimizers/fira.md, "Update").
 
     ``residual_mode="code"`` (default) is ``fira==1.0.2``: ``S = φ⊙(G − α·back(R))``, α on the Adam term only.
     ``"paper"`` is the paper's Algorithm 1: ``S = c_t·φ⊙(G − back(R))``, α on both terms."""
@@ -59,7 +59,8 @@ class Fira(GaLore):
                  projector: Literal["svd", "randomized", "gram_eigh"] = "svd", sign_fix: bool = False,
                  seed: int = 0, stagger_refresh: bool = False):
         if residual_mode not in ("code", "paper"):
-            raise ValueError(f"residual_mode must be 'code' (fira 1.0.2) or 'paper' (Algorithm 1), got {residual_mode!r}")
+            raise ValueError(f"residual_mode must be 'code' (fira 1.0.2) or 'paper' (Algorithm 1), "
+                             f"got {residual_mode!r}")
         if scaling not in ("vector", "matrix"):
             raise ValueError(f"scaling must be 'vector' (per row/column) or 'matrix', got {scaling!r}")
         if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not gamma >= 1.0:

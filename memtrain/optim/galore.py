@@ -1,19 +1,19 @@
-"""``galore`` and ``fira``: Adam run on a low-rank projection of each ``matrix`` gradient (specs/galore.md,
-specs/fira.md).
+"""``galore``: Adam run on a low-rank projection of each ``matrix`` gradient (Zhao et al., "GaLore", arXiv
+2403.03507; docs/optimizers/galore.md). Fira, which adds the discarded residual back, subclasses it (``fira.py``).
 
-GaLore keeps the Adam moments at the projected shape ``r × max(m, n)``. The projector ``P`` (the top-r singular
-vectors of the gradient on the side ``projector_side`` picks) is refreshed every ``update_proj_gap`` steps; the
-moments are carried over a refresh unchanged, as in the reference. Fira adds back the part of the gradient that
-GaLore discards, scaled per row/column by how much Adam rescaled the projected gradient, with a limiter on the
-growth of its norm. Every other role runs AdamW-HF (bias correction folded into the step size, ε on the
-uncorrected √V, decay after the update; README §2.4) with the same lr and no α, as ``GaLoreAdamW`` does.
+GaLore keeps the Adam moments at the projected shape ``r × max(m, n)``. The projector ``P`` (the top-r singular vectors
+of the gradient on the side ``projector_side`` picks) is refreshed every ``update_proj_gap`` steps; the moments are
+carried over a refresh unchanged, as in the reference. Fira adds back the part of the gradient that GaLore discards,
+scaled per row/column by how much Adam rescaled the projected gradient, with a limiter on the growth of its norm. Every
+other role runs AdamW-HF (bias correction folded into the step size, ε on the uncorrected √V, decay after the update;
+docs/registry-and-routing.md, "The AdamW conventions") with the same lr and no α, as ``GaLoreAdamW`` does.
 
-State per projected parameter is plain (README §2.8): ints ``step``, ``side``, ``refreshes``; fp32 tensors
-``P``, ``exp_avg``, ``exp_avg_sq`` (Fira: also the 0-d ``prev_residual_norm``). No projector object, so
-``torch.load(weights_only=True)`` resume works; the randomized solver's seed is rebuilt from stored integers.
+State per projected parameter is plain (docs/registry-and-routing.md, "State rules"): ints ``step``, ``side``,
+``refreshes``; fp32 tensors ``P``, ``exp_avg``, ``exp_avg_sq`` (Fira: also the 0-d ``prev_residual_norm``). No projector
+object, so ``torch.load(weights_only=True)`` resume works; the randomized solver's seed is rebuilt from stored integers.
 
-Under FSDP2 (galore.md §7, fira.md §7) ``update()`` gets this rank's rows G_k and the collectives of
-:class:`~memtrain.optim.sharding.Rows`:
+Under FSDP2 (docs/optimizers/galore.md and docs/optimizers/fira.md, "Distributed") ``update()`` gets this rank's rows
+G_k and the collectives of :class:`~memtrain.optim.sharding.Rows`:
 
 * the refresh decision (finite, not all zero) is one MIN all-reduce of the local flags, so every rank enters the
   same collectives, empty shards included;
@@ -49,7 +49,7 @@ _PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
 def _replicated_across_ranks(P: Tensor) -> Tensor:
     """Under data parallelism every rank holds the same gradient, but an SVD need not be bitwise identical
-    across devices; rank 0's basis is broadcast so that the replicas cannot drift (galore.md §7)."""
+    across devices; rank 0's basis is broadcast so that the replicas cannot drift."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(P, src=0)
     return P
@@ -70,7 +70,7 @@ def gram_eigh_basis(G: Tensor, rank: int, side: int, *, gram_sum: Callable = _wh
                     on_owner: Callable = _here) -> Tensor:
     """Top-``rank`` eigenvectors of ``GᵀG`` (side 0) or ``GGᵀ`` (side 1), by descending eigenvalue, sign-fixed.
 
-    The side-0 Gram is what an FSDP2 refresh can all-reduce (galore.md §7): with G this rank's rows, ``gram_sum``
+    The side-0 Gram is what an FSDP2 refresh can all-reduce: with G this rank's rows, ``gram_sum``
     sums ``G_kᵀG_k`` over ranks (n×n) and ``on_owner(solve, like)`` runs the eigensolver on one rank and broadcasts
     the ``[rank, n]`` basis into ``like`` elsewhere, so it is bitwise identical on all ranks. ``GGᵀ`` (side 1)
     pairs every row with every other: it needs the whole G."""
@@ -87,9 +87,9 @@ def gram_eigh_basis(G: Tensor, rank: int, side: int, *, gram_sum: Callable = _wh
 
 
 def randomized_basis(G: Tensor, rank: int, side: int, generator: torch.Generator, niter: int = 2) -> Tensor:
-    """Halko range finder (galore.md §2.2): the top-``rank`` left singular vectors of G (side 1), or the right
-    ones via Gᵀ (side 0). Ω is drawn on the CPU from ``generator`` so the global RNG is never touched. Needs the
-    whole G (under FSDP2: gathered, and solved on one rank)."""
+    """Halko range finder (Halko, Martinsson & Tropp, arXiv 0909.4061, Alg. 4.4): the top-``rank`` left singular vectors
+    of G (side 1), or the right ones via Gᵀ (side 0). Ω is drawn on the CPU from ``generator`` so the global RNG is
+    never touched. Needs the whole G (under FSDP2: gathered, and solved on one rank)."""
     A = G if side == 1 else G.T  # we want A's left singular vectors
     d_s = min(A.shape)
     q = min(rank + max(8, math.ceil(rank / 8)), d_s)
@@ -104,7 +104,8 @@ def randomized_basis(G: Tensor, rank: int, side: int, generator: torch.Generator
 
 
 class GaLore(MemtrainOptimizer):
-    """GaLore with an AdamW-HF inner update (galore.md §2.1); AdamW-HF on every role but ``matrix``."""
+    """GaLore with an AdamW-HF inner update (docs/optimizers/galore.md, "Update"); AdamW-HF on every role but
+    ``matrix``."""
 
     name = "galore"
     description = "GaLore: AdamW-HF on a rank-r SVD projection of each matrix gradient, refreshed every T steps"
@@ -142,8 +143,9 @@ class GaLore(MemtrainOptimizer):
             self, params, rank=rank, update_proj_gap=update_proj_gap, scale=float(scale), proj_type=proj_type,
             projector=projector, sign_fix=bool(sign_fix or projector == "gram_eigh"), seed=int(seed),
             stagger_refresh=bool(stagger_refresh), **rest)
-        # Each parameter's 0-based position over all groups, in param_groups order (README §2.5): it seeds the
-        # randomized solver and the staggered refresh phase, and is saved with the groups.
+        # Each parameter's 0-based position over all groups, in param_groups order (docs/registry-and-routing.md,
+        # "Roles, group order and the learning rate"): it seeds the randomized solver and the staggered refresh phase,
+        # and is saved with the groups.
         index = 0
         for group in self.param_groups:
             group["param_indices"] = list(range(index, index + len(group["params"])))
@@ -152,7 +154,8 @@ class GaLore(MemtrainOptimizer):
 
     # -- the roles GaLore does not project ----------------------------------------------------------------
     def adamw_update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
-        """AdamW-HF (README §2.4), no α: what GaLoreAdamW does for groups without a rank."""
+        """AdamW-HF (docs/registry-and-routing.md, "The AdamW conventions"), no α: what GaLoreAdamW does for groups
+        without a rank."""
         self.adam_step(param, grad, state, group, T.HF, rows)
 
     # -- the projected update -------------------------------------------------------------------------------
@@ -174,10 +177,10 @@ class GaLore(MemtrainOptimizer):
     def _solve(self, G: Tensor, rank: int, side: int, state: dict, group: dict, index: int, rows: Rows) -> Tensor:
         """The whole new basis (side 0 ``[r, n]``, side 1 ``[m, r]``), bitwise identical on every rank.
 
-        Under FSDP2 (galore.md §7) the side-0 ``gram_eigh`` refresh needs only the n×n Gram all-reduced; every
-        other solver needs the whole G, so G is gathered. ``svd``/``randomized`` are not switched to ``gram_eigh``
-        (the spec's auto-switch) [DECISION]: the sharded run then equals the single-process run with the same
-        options. Either way one rank (``rows.owner``) solves and broadcasts."""
+        Under FSDP2 (docs/optimizers/galore.md, "Distributed") the side-0 ``gram_eigh`` refresh needs only the n×n Gram
+        all-reduced; every other solver needs the whole G, so G is gathered. ``svd``/``randomized`` are not switched to
+        ``gram_eigh`` (an automatic switch was considered and rejected): the sharded run then equals the single-process
+        run with the same options. Either way one rank (``rows.owner``) solves and broadcasts."""
         if group["projector"] == "gram_eigh" and side == 0:
             P = gram_eigh_basis(G, rank, side, gram_sum=rows.sum, on_owner=rows.on_owner)
         else:
@@ -190,9 +193,9 @@ class GaLore(MemtrainOptimizer):
     def _refresh(self, G: Tensor, state: dict, group: dict, index: int, name: str, rows: Rows) -> bool:
         """Replace P from the current gradient; False when G is non-finite or all zero (then P is kept).
 
-        The test is global (README §2.7): a MIN all-reduce of this rank's flags, so that every rank, one with an
-        empty or an all-zero shard too, takes the same branch and enters the same collectives. Only at refresh
-        steps, so the host sync is paid once per ``update_proj_gap``."""
+        The test is global (docs/distributed.md, "Rules every sharded update follows"): a MIN all-reduce of this rank's
+        flags, so that every rank, one with an empty or an all-zero shard too, takes the same branch and enters the same
+        collectives. Only at refresh steps, so the host sync is paid once per ``update_proj_gap``."""
         local_flags = torch.stack([torch.isfinite(G).all(), (G == 0).all()])
         finite, zero = (bool(x) for x in rows.all(local_flags).tolist())
         if not finite or zero:
@@ -210,8 +213,9 @@ class GaLore(MemtrainOptimizer):
 
     def init_state(self, G: Tensor, state: dict, group: dict, rows: Rows, name: str) -> None:
         """Every state entry of a projected parameter, zero, at its final shape, on the parameter's first step, even
-        when that step cannot refresh (``refreshes`` stays 0 until one does). Distributed checkpointing builds its
-        load template from a zero-gradient step (README §2.8): an entry missing then is never restored on resume.
+        when that step cannot refresh (``refreshes`` stays 0 until one does). Distributed checkpointing builds its load
+        template from a zero-gradient step (docs/registry-and-routing.md, "State rules"): an entry missing then is never
+        restored on resume.
 
         Side 0: P ``[r, n]`` replicated, moments ``[m_k, r]`` this rank's rows (sharded like the weight); side 1:
         P ``[m_k, r]`` sharded, moments ``[r, n]`` replicated (R is all-reduced)."""
@@ -232,7 +236,7 @@ class GaLore(MemtrainOptimizer):
     def update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
         index = rows.position  # == group["param_indices"][i] for this parameter's place i in the group
         name = group["names"][group["param_indices"].index(index)]
-        conv1d = group.get("layout") == "conv1d"  # stored [in, out]: work on the [out, in] view (README §2.1)
+        conv1d = group.get("layout") == "conv1d"  # stored [in, out]: work on the [out, in] view
         G = grad.float()
         if conv1d:  # FSDP2 refuses a sharded conv1d weight (base._check_param), so the view is whole
             G = G.T
@@ -242,7 +246,7 @@ class GaLore(MemtrainOptimizer):
         phase = index % group["update_proj_gap"] if group["stagger_refresh"] else 0
         if state["refreshes"] == 0 or (state["step"] + phase) % group["update_proj_gap"] == 0:
             if not self._refresh(G, state, group, index, name, rows) and state["refreshes"] == 0:
-                return  # no subspace yet: skip the step, retried at the next one (galore.md §2.1)
+                return  # no subspace yet: skip the step, retried at the next one (docs/optimizers/galore.md)
         P, side = local(state["P"]), state["side"]
         R = T.project(G, P, side, row_sum=rows.sum)  # side 1: an r×n all-reduce under FSDP2
         state["step"] += 1

@@ -230,7 +230,8 @@ def _convert(raw: str, annotation, option: str):
         parts = [s for s in raw.strip("()[]").replace("|", ":").split(":") if s]
         if origin is tuple and args and args[-1] is not Ellipsis and len(parts) != len(args):
             raise ValueError(f"expected {len(args)} values separated by ':' (e.g. 0.9:0.999)")
-        member_types = args if origin is tuple and args and args[-1] is not Ellipsis else [args[0] if args else str] * len(parts)
+        fixed = origin is tuple and args and args[-1] is not Ellipsis
+        member_types = args if fixed else [args[0] if args else str] * len(parts)
         return origin(_convert(p, t, option) for p, t in zip(parts, member_types))
     if annotation is bool:
         if raw.lower() in _TRUE:

@@ -1,4 +1,5 @@
-"""``sinkgd``: Sinkhorn gradient descent, stateless on the hidden matrices (specs/sinkgd.md).
+"""``sinkgd``: Sinkhorn gradient descent, stateless on the hidden matrices (Scetbon et al., arXiv 2502.06742;
+docs/optimizers/sinkgd.md).
 
 For every ``matrix`` gradient G (``[out, in]``) the update is L alternations of row-RMS then column-RMS
 normalisation (a square-root Sinkhorn scaling of G⊙G), so every column has RMS 1 and every row nearly so. No state
@@ -16,8 +17,9 @@ from .transforms import as_out_in, column_mean, descend_, rms_normalize
 
 
 def sinkhorn(g: Tensor, iterations: int = 5, eps: float = 1e-8, column_mean: Callable = column_mean) -> Tensor:
-    """SinkGD's square-root Sinkhorn (sinkgd.md §2): ``iterations`` alternations of row-, then column-RMS
-    normalisation. Columns come last, so every column RMS is exactly 1; rows converge geometrically to RMS 1."""
+    """SinkGD's square-root Sinkhorn (docs/optimizers/sinkgd.md, "Update"): ``iterations`` alternations of row-, then
+    column-RMS normalisation. Columns come last, so every column RMS is exactly 1; rows converge geometrically to RMS
+    1."""
     x = g
     for _ in range(iterations):
         x = rms_normalize(x, dim=1, eps=eps)
@@ -51,9 +53,11 @@ class SinkGD(MemtrainOptimizer):
                               "weight); they get the AdamW-T fallback", stacklevel=2)
 
     def update(self, param, grad, state, group, rows):
-        # Row steps are local under FSDP2's row sharding; each column step all-reduces n column sums (sinkgd.md §7).
+        # Row steps are local under FSDP2's row sharding; each column step all-reduces n column sums
+        # (docs/optimizers/sinkgd.md, "Distributed").
         delta = sinkhorn(as_out_in(grad.float(), group.get("layout", "linear")), group["iterations"],
                          group["norm_eps"], column_mean=rows.column_mean)
         with fp32_view(param) as p32:
-            descend_(as_out_in(p32, group.get("layout", "linear")), delta, lr=group["lr"], weight_decay=group["weight_decay"])
+            descend_(as_out_in(p32, group.get("layout", "linear")), delta, lr=group["lr"],
+                     weight_decay=group["weight_decay"])
 

@@ -1,4 +1,5 @@
-"""``slimadam``: AdamW with the second moment averaged along one axis per layer (Kalra et al. 2025; specs/slimadam.md).
+"""``slimadam``: AdamW with the second moment averaged along one axis per layer (Kalra et al. 2025, arXiv 2503.01843;
+docs/optimizers/slimadam.md).
 
 Per parameter a rule K ∈ {None, (0,), (1,)}, in the ``[out, in]`` view: K = (1,) keeps one second-moment value
 per output row (mean over ``in``), K = (0,) one per input column (mean over ``out``), None keeps it full. The first
@@ -9,7 +10,7 @@ Rules are decided once, at construction, and stored in the param groups (``group
 never looks at names. The default rules (the official code's ``DEFAULT_COMPRESSION_RULES``) are keyed by the
 parameter's role and, for ``matrix`` weights, by the module kind — the module's attribute name in its parent
 (``q_proj``, ``down_proj``, GPT-2's ``c_attn``, Meta's ``wq`` …). A JSON rules file (``rules_file=path``,
-``{"param name": [0] | [1] | null}``, e.g. written by ``scripts/slimadam_rules.py``) overrides them.
+``{"param name": [0] | [1] | null}``, e.g. written by ``memtrain slimadam-rules``) overrides them.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from .transforms import adam_
 logger = logging.getLogger(__name__)
 
 FAN_IN, FAN_OUT = (1,), (0,)
-#: Default rule by module kind for ``matrix`` weights (specs/slimadam.md §3). HF LLaMA, GPT-2 and Meta names.
+#: Default rule by module kind for ``matrix`` weights (docs/optimizers/slimadam.md, "Rules"). HF LLaMA, GPT-2 and Meta
+#: names.
 MATRIX_RULES = {
     "q_proj": FAN_IN, "k_proj": FAN_IN, "wq": FAN_IN, "wk": FAN_IN,
     "v_proj": FAN_OUT, "o_proj": FAN_OUT, "wv": FAN_OUT, "wo": FAN_OUT,
@@ -45,7 +47,8 @@ _warned: set[str] = set()
 
 
 def second_moment_snr(v: Tensor, dim: int) -> Tensor:
-    """SlimAdam's compressibility score of a second moment ``v`` along ``dim`` (specs/slimadam.md §3).
+    """SlimAdam's compressibility score of a second moment ``v`` along ``dim`` (docs/optimizers/slimadam.md, "The SNR
+    rules tool").
 
     For every slice along ``dim``: ``mean² / var`` (population variance), then the mean over the slices. A slice
     with zero variance and a nonzero mean counts as +inf (perfectly compressible); an all-zero slice is skipped.
@@ -82,7 +85,8 @@ def default_rule(name: str, role: str, param: Tensor) -> tuple[int, ...] | None:
     if role == "other" and kind in POSITION_EMBEDDINGS:
         return FAN_IN  # one value per position
     warn_once(_warned, name, f"slimadam: no default compression rule for {role} {name or '<unnamed>'!r} (module kind "
-              f"{kind!r}); its second moment stays full. Give it a rule in a rules file (rules_file=...).", logger=logger)
+              f"{kind!r}); its second moment stays full. Give it a rule in a rules file (rules_file=...).",
+              logger=logger)
     return None
 
 
@@ -172,7 +176,7 @@ class SlimAdam(MemtrainOptimizer):
             v = param.new_zeros(shape, dtype=torch.float32)
             # Under FSDP2 (rows split on dim 0): K=(1,) keeps one value per row, sharded with the rows; K=(0,)
             # keeps one value per column, [1, n], replicated as a plain tensor (identical on every rank: an EMA of
-            # all-reduced column means), saved once by DCP (slimadam.md §7).
+            # all-reduced column means), saved once by DCP (docs/optimizers/slimadam.md, "Distributed").
             state["exp_avg_sq"] = v if dim == 0 else rows.keep(v)
         state["step"] += 1
         beta1, beta2 = group["betas"]
@@ -206,7 +210,7 @@ class SlimAdam(MemtrainOptimizer):
                     )
 
 
-# -- the SNR rule derivation (scripts/slimadam_rules.py) -------------------------------------------------
+# -- the SNR rule derivation (memtrain slimadam-rules) -------------------------------------------------
 def measure_snr(optimizer: torch.optim.Optimizer) -> dict[str, dict[int, float]]:
     """SNR of each ≥2-D parameter's raw second moment (``exp_avg_sq`` of an AdamW-family optimizer) along each
     candidate K, keyed by parameter name and by K in the ``[out, in]`` view."""

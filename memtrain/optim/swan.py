@@ -1,4 +1,5 @@
-"""``swan``: SGD with row standardisation and whitening, stateless on the hidden matrices (specs/swan.md).
+"""``swan``: SGD with row standardisation and whitening, stateless on the hidden matrices (Ma et al., arXiv 2412.13148;
+docs/optimizers/swan.md).
 
 For every ``matrix`` gradient G (``[out, in]``): GradNorm standardises each row, GradWhitening maps the result to
 (approximately) its polar factor with a deflated, damped coupled Newton–Schulz iteration on the short side's
@@ -21,12 +22,13 @@ from .transforms import _here, _whole, as_out_in, column_mean, descend_, ieee_fp
 
 def standardize(g: Tensor, dim: int = 1, eps: float = 1e-8, rel_tol: float = 1e-5,
                 column_mean: Callable = column_mean) -> Tensor:
-    """SWAN's GradNorm (swan.md §2.1): subtract the mean over ``dim`` and divide by the population std.
+    """SWAN's GradNorm (docs/optimizers/swan.md, "Update"): subtract the mean over ``dim`` and divide by the population
+    std.
 
     A slice whose std is at most ``max(eps, rel_tol·RMS)`` is constant (or zero) up to fp32 centering noise and
     becomes exactly 0; dividing by that noise would blow it up to unit RMS and break scale invariance.
     ``dim=1`` (rows, the default) is local under FSDP2's row sharding; ``dim=0`` takes its three column
-    statistics from ``column_mean`` (``distributed.Rows.column_mean`` all-reduces them)."""
+    statistics from ``column_mean`` (``sharding.Rows.column_mean`` all-reduces them)."""
     def mean(t: Tensor) -> Tensor:
         return column_mean(t) if dim == 0 else t.mean(dim=dim, keepdim=True)
 
@@ -39,7 +41,8 @@ def standardize(g: Tensor, dim: int = 1, eps: float = 1e-8, rel_tol: float = 1e-
 
 def newton_schulz_inv_sqrt(a: Tensor, steps: int) -> Tensor:
     """Coupled Newton–Schulz (step factor ½) for ``(A/‖A‖_F)^{-1/2}`` of a symmetric positive definite ``A``
-    (swan.md §2.2). Normalising by the Frobenius norm puts every eigenvalue in (0, 1], where it converges.
+    (docs/optimizers/swan.md, "Update"). Normalising by the Frobenius norm puts every eigenvalue in (0, 1], where it
+    converges.
 
     Per step ``T = 3I − ZY; Y ← ½·YT; Z ← ½·TZ``. Two products of the first step (with Z = I) and the last ``Y``
     update (never read) are skipped: the result is bitwise the same, with 3k − 3 products instead of 3k."""
@@ -55,14 +58,15 @@ def newton_schulz_inv_sqrt(a: Tensor, steps: int) -> Tensor:
 
 
 def whitening_side(m: int, n: int, centered_dim: int | None = 1) -> bool:
-    """True when SWAN whitens an m×n matrix on the right (``XᵀX``): m > n, or square with rows centred (or
-    nothing centred). The side rule of specs/README.md §2.1, with a square matrix going to the side whose Gram
-    has the all-ones null vector, where :func:`whitening_root` deflates it."""
+    """True when SWAN whitens an m×n matrix on the right (``XᵀX``): m > n, or square with rows centred (or nothing
+    centred). The side rule (docs/registry-and-routing.md, "Orientation and side"), with a square matrix going to the
+    side whose Gram has the all-ones null vector, where :func:`whitening_root` deflates it."""
     return m > n or (m == n and centered_dim != 0)
 
 
 def whitening_root(a: Tensor, *, steps: int, damping: float, deflate: bool) -> Tensor:
-    """``Z ≈ (A'/‖A'‖_F)^{-1/2}`` from the short-side Gram ``A`` (swan.md §2.2), ``A' = A [+ (μA/d)·11ᵀ] + δ·μA·I``.
+    """``Z ≈ (A'/‖A'‖_F)^{-1/2}`` from the short-side Gram ``A``, with ``A' = A [+ (μA/d)·11ᵀ] + δ·μA·I``
+    (docs/optimizers/swan.md, "Update").
 
     ``deflate`` (the Gram of the centred side) adds the rank-one term that gives the all-ones null vector a
     typical eigenvalue (exact, because X is orthogonal to it), without which the coupled iteration amplifies
@@ -82,14 +86,16 @@ def whitening_root(a: Tensor, *, steps: int, damping: float, deflate: bool) -> T
 def whiten(x: Tensor, *, steps: int = 10, damping: float = 1e-6, centered_dim: int | None = 1,
            total_rows: int | None = None, gram_sum: Callable = _whole, gather: Callable = _whole,
            mine: Callable = _whole, on_owner: Callable = _here) -> Tensor:
-    """SWAN's GradWhitening (swan.md §2.2): approximately the polar factor of ``x``, not yet rescaled.
+    """SWAN's GradWhitening (docs/optimizers/swan.md, "Update"): approximately the polar factor of ``x``, not yet
+    rescaled.
 
     The short side's Gram is used (right, ``Δ = X·Z`` with ``Z`` from ``XᵀX``, when m > n; left, ``Δ = Z·X`` from
     ``XXᵀ``, when m < n; square: :func:`whitening_side`), and :func:`whitening_root` turns it into ``Z``.
     ``centered_dim`` is the dim GradNorm centred (its Gram is deflated).
 
-    The defaults whiten the whole matrix ``x``. Under FSDP2 (swan.md §7) ``x`` is this rank's rows of a
-    ``total_rows``-row matrix and the hooks are the collectives of ``distributed.Rows``, so the same code runs:
+    The defaults whiten the whole matrix ``x``. Under FSDP2 (docs/optimizers/swan.md, "Distributed") ``x`` is this
+    rank's rows of a ``total_rows``-row matrix and the hooks are the collectives of ``sharding.Rows``, so the same
+    code runs:
 
     * right side: ``gram_sum`` all-reduces the n×n Gram (``Σ_k X_kᵀX_k``), ``on_owner(solve, like)`` runs
       ``solve()`` on one rank and broadcasts the result into ``like`` elsewhere (so Z is bitwise identical on all
@@ -120,7 +126,7 @@ def frobenius_sq(x: Tensor) -> Tensor:
 
 
 def unit_rms(delta: Tensor, norm_sq: Callable = frobenius_sq, numel: int | None = None) -> Tensor:
-    """Rescale ``delta`` to entry-RMS 1 (swan.md §2.3); zero stays zero. ``‖Δ‖²`` is summed per row in fp32 and
+    """Rescale ``delta`` to entry-RMS 1; zero stays zero. ``‖Δ‖²`` is summed per row in fp32 and
     across rows in fp64: an fp32 total over ~1e5 entries is off by ~2e-6, more than the unit-RMS tolerance.
     Under FSDP2 ``delta`` is this rank's rows, ``norm_sq`` all-reduces the fp64 partial sums and ``numel`` is the
     global matrix's element count."""
@@ -173,10 +179,10 @@ class SWAN(MemtrainOptimizer):
 
 def swan_direction(grad: Tensor, rows: Rows, *, layout: str = "linear", norm_dim: int = 1, row_eps: float = 1e-8,
                    ns_steps: int = 10, damping: float = 1e-6, fp32_whitening: bool = True) -> Tensor:
-    """SWAN's update direction (swan.md §2.1–2.3, ``[out, in]``) for this rank's rows ``grad`` of a matrix split as
-    ``rows`` says; unsharded rows make every collective the identity (the single-process numerics).
+    """SWAN's update direction (docs/optimizers/swan.md, "Update"; ``[out, in]``) for this rank's rows ``grad`` of a
+    matrix split as ``rows`` says; unsharded rows make every collective the identity (the single-process numerics).
 
-    Under FSDP2 (swan.md §7): GradNorm over rows is local (``norm_dim=0`` all-reduces three length-n column
+    Under FSDP2: GradNorm over rows is local (``norm_dim=0`` all-reduces three length-n column
     statistics); the right side all-reduces the n×n Gram, the left side all-gathers X, and both compute Z on
     ``rows.owner`` (round-robin over matrices) and broadcast it; the rescale all-reduces ‖Δ‖² in fp64."""
     g = as_out_in(grad.float(), layout)
