@@ -20,13 +20,12 @@ from typing import Literal
 
 import torch
 from peft import LoraConfig
-from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import Tensor, nn
 
 from ..optim.base import FALLBACK
 from ..optim.capabilities import engine_refusal
-from .common import build_adapter_optimizer, lora_layers, named_adapter_tensors, tensor_group
+from .common import build_adapter_optimizer, lora_layers, named_adapter_tensors, tensor_group, unadapted_forward
 
 METHOD = "allora"
 #: Engine needs (memtrain.optim.capabilities.engine_refusal): the delta_row module reads its whole layer in forward;
@@ -84,18 +83,10 @@ class ALLoRALinear(LoraLinear):
         self.norm_power = int(norm_power)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        if kwargs.pop("adapter_names", None) is not None:
-            raise ValueError("ALLoRALinear does not support mixed-adapter batches (adapter_names)")
-        for key in VARIANT_KWARG_KEYS:
-            kwargs.pop(key, None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+        unadapted = unadapted_forward(self, x, args, kwargs)
+        if unadapted is not None:
+            return unadapted
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
         for adapter in self.active_adapters:
             if adapter not in self.lora_A:
                 continue

@@ -78,6 +78,26 @@ def plain_pair_problem(module: nn.Module, adapter: str, *, allow_variants: tuple
     return None
 
 
+def unadapted_forward(module: nn.Module, x, args: tuple, kwargs: dict):
+    """The part of a custom PEFT LoRA ``Linear.forward`` that every adapter module shares: PEFT's argument checks,
+    mixed-adapter batches refused, variant keywords dropped (``kwargs`` is edited in place). Returns the base layer's
+    output when no adapter applies (adapters disabled, or merged into the weight), else None."""
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+
+    module._check_forward_args(x, *args, **kwargs)
+    if kwargs.pop("adapter_names", None) is not None:
+        raise ValueError(f"{type(module).__name__} does not support mixed-adapter batches (adapter_names)")
+    for key in VARIANT_KWARG_KEYS:
+        kwargs.pop(key, None)
+    if module.disable_adapters:
+        if module.merged:
+            module.unmerge()
+        return module.base_layer(x, *args, **kwargs)
+    if module.merged:
+        return module.base_layer(x, *args, **kwargs)
+    return None
+
+
 def make_pair(name: str, module: nn.Module, adapter: str) -> LoraPair:
     return LoraPair(name, module, adapter, module.lora_A[adapter].weight, module.lora_B[adapter].weight,
                     float(module.scaling[adapter]))

@@ -23,14 +23,14 @@ import warnings
 
 import torch
 from peft import LoraConfig
-from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 from ..optim.base import _check_betas, _check_hyper, fp32_view
 from ..optim import transforms as T
 from ..optim.capabilities import engine_refusal
-from .common import build_adapter_optimizer, lora_layers, make_pair, named_adapter_tensors, tensor_group
+from .common import (build_adapter_optimizer, lora_layers, make_pair, named_adapter_tensors, tensor_group,
+                     unadapted_forward)
 
 METHOD = "gradnormlorp"
 #: Engine needs (memtrain.optim.capabilities.engine_refusal): the projection needs each 2-D factor whole (not
@@ -59,17 +59,9 @@ class GradNormLoRPLinear(LoraLinear):
         return nu.detach() if self.detach_norm else nu
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        if kwargs.pop("adapter_names", None) is not None:
-            raise ValueError("GradNormLoRPLinear does not support mixed-adapter batches (adapter_names)")
-        for key in VARIANT_KWARG_KEYS:
-            kwargs.pop(key, None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+        unadapted = unadapted_forward(self, x, args, kwargs)
+        if unadapted is not None:
+            return unadapted
         active = [a for a in self.active_adapters if a in self.lora_A]
         if len(active) > 1:
             raise ValueError("GradNormLoRPLinear supports one active adapter at a time")

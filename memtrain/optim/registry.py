@@ -82,21 +82,10 @@ class OptimizerSpec:
         base = {"stateless": False, "needs_matrix_shape": False, "fsdp2": True, "deepspeed": True}
         return {k: bool(getattr(self.cls, k, base[k])) for k in CAPABILITIES}
 
-    @property
-    def stateless(self) -> bool:
-        return self.capabilities()["stateless"]
-
-    @property
-    def needs_matrix_shape(self) -> bool:
-        return self.capabilities()["needs_matrix_shape"]
-
-    @property
-    def fsdp2(self) -> bool:
-        return self.capabilities()["fsdp2"]
-
-    @property
-    def deepspeed(self) -> bool:
-        return self.capabilities()["deepspeed"]
+    stateless = property(lambda self: self.capabilities()["stateless"])
+    needs_matrix_shape = property(lambda self: self.capabilities()["needs_matrix_shape"])
+    fsdp2 = property(lambda self: self.capabilities()["fsdp2"])
+    deepspeed = property(lambda self: self.capabilities()["deepspeed"])
 
     def options(self) -> dict[str, inspect.Parameter]:
         """The constructor's keyword options (lr and weight_decay included), in signature order."""
