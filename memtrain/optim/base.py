@@ -5,15 +5,16 @@ A method subclasses :class:`MemtrainOptimizer`, names the roles it transforms in
 
 * role-tagged param groups (built by ``routing.build_param_groups``); each group records the ``method`` that
   updates it: the subclass for owned roles, the AdamW fallback (AdamW-T, docs/registry-and-routing.md, "The AdamW
-  conventions") for the rest,
-  with its own ``adam_lr`` / betas / ε options;
+  conventions") for the rest, with its own ``adam_lr`` / betas / ε options;
 * lazy state: nothing is created before the first ``step()`` that sees a gradient, and state holds only
   tensors and Python numbers, so ``torch.load(weights_only=True)`` resume and accelerate's FSDP2 parameter
   swap both work;
 * fp32 arithmetic on low-precision parameters, written back in the parameter's own dtype;
 * a ``load_state_dict`` that keeps each state tensor's saved dtype (torch casts floating state to the
   parameter dtype, turning fp32 moments of a bf16 model into bf16 and uint8 codes into floats);
-* the loud refusal of flattened 1-D shards for roles whose method needs the matrix shape;
+* the loud refusal of flattened 1-D shards for roles whose method needs the matrix shape, and of FSDP2 shards for
+  a method whose sharded update is not verified (the rules: ``capabilities.engine_refusal``);
+* the method's identity and capabilities as class attributes, which the registry reads (``registry.BUILTINS``);
 * FSDP2: ``update()`` gets the rank's local rows of a sharded parameter and its gradient, plus a
   :class:`~memtrain.optim.sharding.Rows` that provides the collectives the method's transforms need (see
   ``memtrain/optim/sharding.py``); unsharded parameters get the same call with identity collectives.

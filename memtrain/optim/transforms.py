@@ -107,8 +107,10 @@ def adam_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, s
         return
     direction = exp_avg / exp_avg_sq.sqrt().add_(eps)
     step_size = hf_step_size(lr, step, beta1, beta2, convention.pow_root)
-    descend_(param, direction, lr=lr, weight_decay=weight_decay if convention.decay_after else 0.0,
-             step_size=step_size, decay_after=True)
+    if convention.decay_after:
+        descend_(param, direction, lr=lr, weight_decay=weight_decay, step_size=step_size, decay_after=True)
+    else:  # decayed first, above
+        param.add_(direction, alpha=-step_size)
 
 
 def descend_(param: Tensor, direction: Tensor, *, lr: float, weight_decay: float, step_size: float | None = None,
