@@ -33,3 +33,22 @@ def test_adapter_engine_matrix(case, engine):
         assert "DDP" in str(e.value)
     else:
         check_engine(trainer(engine), adapter, options)
+
+
+MATRIX_METHODS = ("adafactor", "fira", "galore", "scale", "sinkgd", "slimadam", "swan")
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp1", "zero2", "zero3"])
+def test_optimizer_engine_matrix(engine):
+    """Memtrain's Trainer refuses the flattening engines for the methods that need the matrix shape (the same rule
+    and wording as the adapters', memtrain.optim.capabilities); elementwise methods run everywhere."""
+    from memtrain.hf.engines import refuse_flattening_engine
+    from memtrain.optim.registry import optimizer_names
+
+    for name in optimizer_names():
+        if name in MATRIX_METHODS and engine in ("fsdp1", "zero2", "zero3"):
+            with pytest.raises(ValueError, match=f"optimizer {name!r} needs each weight's matrix shape, but "
+                                                 f"{'FSDP1' if engine == 'fsdp1' else 'DeepSpeed ZeRO'} hands"):
+                refuse_flattening_engine(trainer(engine), name)
+        else:
+            refuse_flattening_engine(trainer(engine), name)
