@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from memtrain import adapters
 from memtrain.optim import sharding as distributed
+from memtrain.hf.engines import end_process_group
 from memtrain.hf.metrics import optimizer_state_bytes
 
 from tests.distributed.parity_worker import LR, full, fully_shard_units, tiny_llama, train
@@ -87,7 +88,7 @@ def main():
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
     finally:
-        distributed.end_process_group()
+        end_process_group()
 
 
 if __name__ == "__main__":

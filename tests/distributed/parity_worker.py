@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import memtrain
 from memtrain.optim import sharding as distributed
+from memtrain.hf.engines import end_process_group
 from memtrain.hf.metrics import optimizer_state_bytes, storage_bytes
 
 STEPS, LR, GLOBAL_BATCH, LENGTH, VOCAB = 4, 3e-3, 8, 16, 64
@@ -121,7 +122,7 @@ def main():
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
     finally:
-        distributed.end_process_group()
+        end_process_group()
 
 
 if __name__ == "__main__":
