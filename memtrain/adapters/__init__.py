@@ -12,7 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from ..optim import registry
+from ..optim import capabilities, registry
+from . import allora, gradnormlorp, lorapro
 from .allora import ALLoRALinear, allora_config, check_allora_model, create_allora_optimizer
 from .common import AdapterFactory, LoraPair, lora_layers
 from .gradnormlorp import (GradNormLoRPLinear, check_gradnormlorp_model, create_gradnormlorp_optimizer,
@@ -54,6 +55,18 @@ def parse_adapter_args(adapter: str, text: str | None) -> dict[str, Any]:
         except ValueError as e:
             raise ValueError(f"adapter option {key}={raw!r}: {e}") from None
     return out
+
+
+def engine_refusal(adapter: str, engine: str, options: dict | None = None) -> str | None:
+    """Why ``adapter`` (with its ``adapter_args`` options) cannot train under ``engine`` (the names of
+    :func:`memtrain.optim.capabilities.engine_refusal`), or None. Plain LoRA runs anywhere."""
+    _check_name(adapter)
+    if adapter == "allora" and (options or {}).get("norm_target") == "factor_rows":
+        needs = allora.FACTOR_ROWS_CAPABILITIES
+    else:
+        needs = {"lorapro": lorapro.CAPABILITIES, "gradnormlorp": gradnormlorp.CAPABILITIES,
+                 "allora": allora.CAPABILITIES}.get(adapter, {})
+    return capabilities.engine_refusal(engine, f"adapter {adapter!r}", **needs, alternative="--adapter lora")
 
 
 def _split(adapter: str, options: dict) -> tuple[dict, dict]:

@@ -1,6 +1,6 @@
-"""ALLoRA (specs/allora.md): LoRA without dropout and without α/r scaling, whose gradients are scaled per output
-row by ``c_i = 1 / sqrt(ρ_i^p + 1/η²)``, ρ_i = ‖(B A)_{i,:}‖₂ (the reconstruction the spec decides on; the
-paper's exact formula is unverified).
+"""ALLoRA (Huang et al., arXiv 2410.09692; docs/adapters/allora.md): LoRA without dropout and without α/r scaling, whose
+gradients are scaled per output row by ``c_i = 1 / sqrt(ρ_i^p + 1/η²)``, ρ_i = ‖(B A)_{i,:}‖₂ (memtrain's
+reconstruction, docs/adapters/allora.md, "Math"; the paper's exact formula is unverified).
 
 * ``norm_target="delta_row"`` (default): inside backward, the LoRA branch's upstream gradient δ is scaled column
   by column (output channel i by c_i) before ∇A and ∇B are formed; ∂L/∂x uses the unscaled δ. This needs a
@@ -20,16 +20,26 @@ from typing import Literal
 
 import torch
 from peft import LoraConfig
-from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from peft.tuners.lora.layer import Linear as LoraLinear
-from torch import nn
+from torch import Tensor, nn
 
 from ..optim.base import FALLBACK
-from ..optim.transforms import lora_row_norm
-from .common import build_adapter_optimizer, lora_layers, named_adapter_tensors, tensor_group
+from ..optim.capabilities import engine_refusal
+from .common import build_adapter_optimizer, lora_layers, named_adapter_tensors, tensor_group, unadapted_forward
 
 METHOD = "allora"
+#: Engine needs (memtrain.optim.capabilities.engine_refusal): the delta_row module reads its whole layer in forward;
+#: the factor_rows reading also needs each factor's rows in the optimizer.
+CAPABILITIES = {"whole_module": True}
+FACTOR_ROWS_CAPABILITIES = {**CAPABILITIES, "needs_matrix_shape": True, "deepspeed": False}
 NORM_TARGETS = ("delta_row", "factor_rows")
+
+
+def lora_row_norm(A: Tensor, B: Tensor) -> Tensor:
+    """``‖(B A)_{i,:}‖₂`` per output row i, without forming B A: ``sqrt(rowsum(B (AAᵀ) ⊙ B))``, O((m+n)·r²).
+
+    Clamped at 0 before the root, since rounding can make a zero row's sum slightly negative."""
+    return ((B @ (A @ A.T)) * B).sum(dim=1).clamp_min(0).sqrt()
 
 
 def allora_scale(row_norm: torch.Tensor, eta: float, power: int) -> torch.Tensor:
@@ -73,18 +83,10 @@ class ALLoRALinear(LoraLinear):
         self.norm_power = int(norm_power)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        if kwargs.pop("adapter_names", None) is not None:
-            raise ValueError("ALLoRALinear does not support mixed-adapter batches (adapter_names)")
-        for key in VARIANT_KWARG_KEYS:
-            kwargs.pop(key, None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+        unadapted = unadapted_forward(self, x, args, kwargs)
+        if unadapted is not None:
+            return unadapted
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
         for adapter in self.active_adapters:
             if adapter not in self.lora_A:
                 continue
@@ -126,8 +128,8 @@ def allora_config(r: int = 8, target_modules="all-linear", base: LoraConfig | No
 
 
 def check_allora_model(model: nn.Module, trainable_only: bool = True) -> list:
-    """§3's per-module guard: every LoRA layer is an ``ALLoRALinear`` with scaling 1, no variant, no LoRA bias
-    and no dropout. Returns the ``(name, module, adapter)`` triples."""
+    """The per-module guard (docs/adapters/allora.md, "Use"): every LoRA layer is an ``ALLoRALinear`` with scaling 1, no
+    variant, no LoRA bias and no dropout. Returns the ``(name, module, adapter)`` triples."""
     layers = list(lora_layers(model, trainable_only))
     if not layers:
         raise ValueError("allora: the model has no trainable LoRA layers")
@@ -160,8 +162,8 @@ class ALLoRAFactorRowsMixin:
 
 def _factor_rows_update(optimizer, param, grad, state, group, rows) -> None:
     if param.dim() != 2:
-        raise RuntimeError("allora factor_rows needs 2-D LoRA factors; flat shards (FSDP1/ZeRO) lose the rows: use "
-                           "FSDP2 (fully_shard) or DDP")
+        raise RuntimeError(engine_refusal("flat", "allora (norm_target='factor_rows')", **FACTOR_ROWS_CAPABILITIES,
+                                          alternative="norm_target='delta_row'"))
     c = allora_scale(param.detach().float().norm(dim=1, keepdim=True), group["allora_eta"], group["allora_power"])
     optimizer.adamw_update(param, grad.float() * c, state, group, rows)
 

@@ -8,7 +8,7 @@ rsLoRA, ``rank_pattern`` and ``alpha_pattern`` are honoured. An optimizer group 
 ``weights_only``-loadable); ``step()`` never looks at names.
 
 Routing: memtrain's routing tags ``lora_A``/``lora_B`` weights ``matrix`` (they are ``nn.Linear`` weights). The
-adapter methods do not want a matrix method (SWAN, GaLore, ...) on the factors: their specs give the factors an
+adapter methods do not want a matrix method (SWAN, GaLore, ...) on the factors: their papers give the factors an
 Adam of their own. So each factory takes the adapter's tensors out of the routed groups and puts them in groups
 with role ``lora`` (a role no method owns, so the AdamW-T fallback unless the adapter takes over); every other
 trainable tensor keeps the chosen optimizer's routing.
@@ -75,6 +75,26 @@ def plain_pair_problem(module: nn.Module, adapter: str, *, allow_variants: tuple
         return "its LoRA factors are not nn.Linear (embedding or convolution LoRA)"
     if not (module.lora_A[adapter].weight.requires_grad and module.lora_B[adapter].weight.requires_grad):
         return "one of its LoRA factors is frozen"
+    return None
+
+
+def unadapted_forward(module: nn.Module, x, args: tuple, kwargs: dict):
+    """The part of a custom PEFT LoRA ``Linear.forward`` that every adapter module shares: PEFT's argument checks,
+    mixed-adapter batches refused, variant keywords dropped (``kwargs`` is edited in place). Returns the base layer's
+    output when no adapter applies (adapters disabled, or merged into the weight), else None."""
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+
+    module._check_forward_args(x, *args, **kwargs)
+    if kwargs.pop("adapter_names", None) is not None:
+        raise ValueError(f"{type(module).__name__} does not support mixed-adapter batches (adapter_names)")
+    for key in VARIANT_KWARG_KEYS:
+        kwargs.pop(key, None)
+    if module.disable_adapters:
+        if module.merged:
+            module.unmerge()
+        return module.base_layer(x, *args, **kwargs)
+    if module.merged:
+        return module.base_layer(x, *args, **kwargs)
     return None
 
 

@@ -1,5 +1,6 @@
-"""GradNormLoRP (specs/gradnormlorp.md): a weight-normalised LoRA, ``y = (g/ν) ⊙ (x W0ᵀ + s·(x Aᵀ) Bᵀ) + b`` with
-ν_i = ‖(W0 + s·B A)_{i,:}‖₂, whose factor gradients go through a GaLore-style low-rank projected AdamW-HF.
+"""GradNormLoRP (Huang et al., arXiv 2412.19616; docs/adapters/gradnormlorp.md): a weight-normalised LoRA, ``y = (g/ν) ⊙
+(x W0ᵀ + s·(x Aᵀ) Bᵀ) + b`` with ν_i = ‖(W0 + s·B A)_{i,:}‖₂, whose factor gradients go through a GaLore-style low-rank
+projected AdamW-HF.
 
 What is PEFT's and what is ours:
 * PEFT DoRA (``LoraConfig(use_dora=True)``) provides the parameters (``lora_A``, ``lora_B``,
@@ -10,10 +11,10 @@ What is PEFT's and what is ours:
   ``ν_i² = ‖W0_i‖² + 2s⟨B_i, (W0 Aᵀ)_i⟩ + s²·B_i (AAᵀ) B_iᵀ``. ``detach_norm=True`` is exactly PEFT's DoRA.
   ``‖W0_i‖²`` is recomputed in every forward (m·n work, next to the m·n·r of ``W0 Aᵀ``), so it can never go stale
   after PiSSA-style inits or later base-weight loads.
-* Ours: the optimizer. A ``[r, n]`` (side 1, left projector ``[r, r_p]``) and B ``[m, r]`` (side 0, right
-  projector ``[r_p, r]``) get GaLore's one-sided projected AdamW-HF (galore.md §2.1: SVD refresh every T steps,
-  all-zero/non-finite refreshes deferred, α on the projected direction, decay after the update); g gets plain
-  AdamW-HF. Other trainable tensors keep the chosen optimizer.
+* Ours: the optimizer. A ``[r, n]`` (side 1, left projector ``[r, r_p]``) and B ``[m, r]`` (side 0, right projector
+  ``[r_p, r]``) get GaLore's one-sided projected AdamW-HF (docs/optimizers/galore.md: SVD refresh every T steps,
+  all-zero/non-finite refreshes deferred, α on the projected direction, decay after the update); g gets plain AdamW-HF.
+  Other trainable tensors keep the chosen optimizer.
 """
 from __future__ import annotations
 
@@ -22,15 +23,19 @@ import warnings
 
 import torch
 from peft import LoraConfig
-from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 from ..optim.base import _check_betas, _check_hyper, fp32_view
-from ..optim.transforms import adam_direction_, adamw_hf_, svd_projector
-from .common import build_adapter_optimizer, lora_layers, make_pair, named_adapter_tensors, tensor_group
+from ..optim import transforms as T
+from ..optim.capabilities import engine_refusal
+from .common import (build_adapter_optimizer, lora_layers, make_pair, named_adapter_tensors, tensor_group,
+                     unadapted_forward)
 
 METHOD = "gradnormlorp"
+#: Engine needs (memtrain.optim.capabilities.engine_refusal): the projection needs each 2-D factor whole (not
+#: sharded for FSDP2 yet), and the module reads its whole layer in forward (ν from W0, A and B).
+CAPABILITIES = {"needs_matrix_shape": True, "deepspeed": False, "fsdp2": False, "whole_module": True}
 NORM_FLOOR = 1e-24  # ν² floor: ν ≥ 1e-12, and no infinite sqrt derivative on an exactly zero row
 
 
@@ -54,17 +59,9 @@ class GradNormLoRPLinear(LoraLinear):
         return nu.detach() if self.detach_norm else nu
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        if kwargs.pop("adapter_names", None) is not None:
-            raise ValueError("GradNormLoRPLinear does not support mixed-adapter batches (adapter_names)")
-        for key in VARIANT_KWARG_KEYS:
-            kwargs.pop(key, None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+        unadapted = unadapted_forward(self, x, args, kwargs)
+        if unadapted is not None:
+            return unadapted
         active = [a for a in self.active_adapters if a in self.lora_A]
         if len(active) > 1:
             raise ValueError("GradNormLoRPLinear supports one active adapter at a time")
@@ -130,21 +127,19 @@ class GradNormLoRPMixin:
         return super()._update_fn(group)
 
 
+#: The projected factors' Adam: torch's lerp for the first moment, ε on the uncorrected √V with the bias correction
+#: ``√(1−β2ᵗ)/(1−β1ᵗ)`` (a float power) folded into the direction, decay after the update
+#: (docs/adapters/gradnormlorp.md).
+PROJECTED_ADAM = T.AdamConvention(corrected_eps=False, decay_after=True, pow_root=True)
+
+
 def _adamw_hf_update(optimizer, param, grad, state, group, rows) -> None:
-    optimizer.adam_step(param, grad, state, group, adamw_hf_, rows)
-
-
-def _apply_hf(param, direction, lr, weight_decay, live=None) -> None:
-    """``W ← W − lr·D``, then AdamW-HF's decay after the update (on the full weight, plain lr); ``live`` (a 0-d
-    device flag) switches the decay off without a host branch (times exactly 1.0 when on)."""
-    with fp32_view(param) as p:
-        p.add_(direction, alpha=-lr)
-        if weight_decay != 0:
-            p.add_(p if live is None else p * live, alpha=-lr * weight_decay)
+    optimizer.adam_step(param, grad, state, group, T.HF, rows)
 
 
 def _projected_update(optimizer, param, grad, state, group, rows) -> None:
-    """galore.md §2.1 (proj_type "std") on one LoRA factor, with no host sync (README §2.7).
+    """GaLore's projected step (docs/optimizers/galore.md, proj_type "std") on one LoRA factor, with no host sync
+    (docs/registry-and-routing.md).
 
     The projector is refreshed at the factor's first step and every ``update_proj_gap`` steps after. A gradient
     that is all zero (A of a fresh adapter: B = 0 makes ∇A ≡ 0 at step 1) or non-finite has no subspace: P is kept,
@@ -152,15 +147,12 @@ def _projected_update(optimizer, param, grad, state, group, rows) -> None:
     refresh is retried once, at its second step. Decided on the device with ``torch.where``: the SVD runs on zeros
     instead of a bad gradient and its basis is discarded, so nothing reads a value on the host. ``step`` counts every
     step (a skipped one too) and ``refreshes`` every scheduled refresh."""
-    if param.dim() != 2:
-        raise RuntimeError("gradnormlorp needs 2-D LoRA factors; flat shards (FSDP1/ZeRO) lose the rows: use FSDP2 "
-                           "(fully_shard) or DDP")
-    if rows.sharded:  # the SVD projector needs the whole factor gradient
-        raise RuntimeError("gradnormlorp: the projected update of the LoRA factors is not implemented on FSDP2 row "
-                           "shards yet; train GradNormLoRP with DDP (configs/accelerate/ddp.yaml)")
+    engine = "flat" if param.dim() != 2 else "fsdp2" if rows.sharded else None  # the SVD needs the whole factor
+    if engine:
+        raise RuntimeError(engine_refusal(engine, METHOD, **CAPABILITIES, alternative="plain LoRA (--adapter lora)"))
     g = grad.float()
     m, n = g.shape
-    side = 0 if m >= n else 1
+    side = T.projector_side(m, n)
     rank = min(group["proj_rank"], m, n)
     if not state:  # every entry at its final shape from the first step; a zero projector means "no subspace yet"
         moments = (m, rank) if side == 0 else (rank, n)
@@ -172,16 +164,20 @@ def _projected_update(optimizer, param, grad, state, group, rows) -> None:
         ok = torch.isfinite(g).all() & g.ne(0).any()
         g = torch.where(ok, g, torch.zeros((), dtype=g.dtype, device=g.device))
         take = ok if scheduled else ok & ~P.ne(0).any()  # the retry only fills a projector that is still empty
-        P.copy_(torch.where(take, svd_projector(g, rank, side), P))
+        P.copy_(torch.where(take, T.svd_basis(g, rank, side), P))
         state["refreshes"] += int(scheduled)
     live = P.ne(0).any()  # False: no projector yet, so R, the moments' update and D are all zero
-    R = g @ P.T if side == 0 else P.T @ g
+    R = T.project(g, P, side)
     state["step"] += 1
     beta1, beta2 = group["betas"]
-    N = adam_direction_(state["exp_avg"], state["exp_avg_sq"], R, step=state["step"], beta1=beta1, beta2=beta2,
-                        eps=group["eps"], torch_eps=False)
-    D = N @ P if side == 0 else P @ N
-    _apply_hf(param, D.mul_(group["proj_scale"]), group["lr"], group["weight_decay"], live)
+    N = T.adam_direction_(R, state["exp_avg"], state["exp_avg_sq"], step=state["step"], beta1=beta1, beta2=beta2,
+                          eps=group["eps"], convention=PROJECTED_ADAM)
+    N = N * T.hf_step_size(1.0, state["step"], beta1, beta2, pow_root=PROJECTED_ADAM.pow_root)
+    D = T.project_back(N, P, side).mul_(group["proj_scale"])
+    with fp32_view(param) as p:
+        T.descend_(p, D, lr=group["lr"], weight_decay=0.0)
+        if group["weight_decay"] != 0:  # decay after the update; ``live`` switches it off without a host branch
+            p.add_(p * live, alpha=-group["lr"] * group["weight_decay"])
 
 
 def create_gradnormlorp_optimizer(
@@ -221,7 +217,7 @@ def create_gradnormlorp_optimizer(
         proj_rank = ranks.pop()
     elif proj_rank < max(ranks):
         warnings.warn(f"gradnormlorp proj_rank={proj_rank} < r: rank(BA) is capped at proj_rank within each "
-                      "projection window (an ablation; specs/gradnormlorp.md §2.2)", stacklevel=2)
+                      "projection window (an ablation; docs/adapters/gradnormlorp.md)", stacklevel=2)
     common = dict(adapter=METHOD, method=METHOD, betas=betas, eps=float(eps))
     groups = [tensor_group(factors, gnl_project=1, proj_rank=int(proj_rank), update_proj_gap=int(update_proj_gap),
                            proj_scale=float(proj_scale), **common),

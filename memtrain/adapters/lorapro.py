@@ -1,5 +1,6 @@
-"""LoRA-Pro (specs/lorapro.md): the LoRA factor updates chosen so that the low-rank change of ``W_eff`` best
-approximates a full fine-tuning step. Optimizer-only: the model is plain PEFT LoRA and saves as such.
+"""LoRA-Pro (Wang et al., arXiv 2407.18242; docs/adapters/lorapro.md): the LoRA factor updates chosen so that the
+low-rank change of ``W_eff`` best approximates a full fine-tuning step. Optimizer-only: the model is plain PEFT LoRA and
+saves as such.
 
 ``mode="full"`` (default, the paper's AdamW): per adapted pair, the LoRA gradients are mapped to the equivalent
 full gradient ``G̃ = s(B h_A + h_B A)`` (the tangent-space projection of the true gradient), Adam runs on G̃ with
@@ -15,20 +16,70 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from ..optim.capabilities import engine_refusal
 from ..optim.sharding import Rows, local, unsharded
-from ..optim.base import FALLBACK, _check_betas, _check_hyper, fp32_view
-from ..optim.transforms import adam_direction_, lorapro_adjust, lorapro_eigh, lorapro_grams
+from ..optim.base import FALLBACK, _check_betas, _check_hyper, fp32_view, warn_once
+from ..optim.transforms import adam_direction_
 from .common import (build_adapter_optimizer, fallback_update_without_decay, lora_layers, make_pair,
                      named_adapter_tensors, pair_group, plain_pair_problem, tensor_group)
 
 METHOD = "lorapro"
+#: Engine needs (memtrain.optim.capabilities.engine_refusal): pairs of 2-D factors, so no flat partitions.
+CAPABILITIES = {"needs_matrix_shape": True, "deepspeed": False}
+
+
+def lorapro_grams(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """The fp64 r×r Grams ``BᵀB`` and ``AAᵀ`` of a LoRA pair."""
+    A64, B64 = A.double(), B.double()
+    return B64.T @ B64, A64 @ A64.T
+
+
+def lorapro_eigh(gram_b: Tensor, gram_a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(e_B, Q_B, e_A, Q_A)``: eigendecompositions of the Grams (batched over leading dims), eigenvalues clamped
+    at 0 (rounding can make them slightly negative)."""
+    eb, qb = torch.linalg.eigh(gram_b)
+    ea, qa = torch.linalg.eigh(gram_a)
+    return eb.clamp_min(0), qb, ea.clamp_min(0), qa
+
+
+def lorapro_adjust(A: Tensor, B: Tensor, a: Tensor, b: Tensor, *, scaling: float, delta: float,
+                   sylvester: bool, eig: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+                   row_sum: Callable = lambda t: t) -> tuple[Tensor, Tensor]:
+    """LoRA-Pro's closed-form adjusted factor gradients (docs/adapters/lorapro.md, "Math").
+
+    ``A [r, n]``, ``B [m, r]``, and a consistent gradient-like pair ``a [r, n]``, ``b [m, r]`` (true LoRA
+    gradients ``s·BᵀG``, ``s·GAᵀ``). Returns ``(h_A, h_B)`` with ``s·(B h_A + h_B A)`` the orthogonal projection of
+    G onto the tangent space of the rank-r manifold at BA. With ``sylvester`` the free r×r matrix X is the one
+    that keeps (h_A, h_B) closest to (a, b); otherwise X = 0. Every r×r quantity is formed and solved in fp64
+    (fp32 Grams of ill-conditioned factors are not numerically SPD); only the r×n and m×r products run in the
+    factors' dtype. The m×m projector is never formed. ``eig``: ``lorapro_eigh(*lorapro_grams(A, B))``, if known
+    (it depends on A and B only, so one decomposition serves both adjustments of a step, and can be batched).
+    Under FSDP2 ``B``/``b`` (and so ``h_B``) may be this rank's rows while ``A``/``a`` are whole: the only sum over
+    B's rows, ``Bᵀb``, then goes through ``row_sum`` (an r×r all-reduce), and ``eig`` must come from the
+    all-reduced ``BᵀB`` (docs/adapters/lorapro.md, "Distributed").
+    """
+    dtype = A.dtype
+    eb, qb, ea, qa = eig if eig is not None else lorapro_eigh(*lorapro_grams(A, B))
+    b_inv = (qb / (eb + delta)) @ qb.T  # (BᵀB + δI)⁻¹
+    a_inv = (qa / (ea + delta)) @ qa.T  # (AAᵀ + δI)⁻¹
+    inv_s2 = 1.0 / scaling**2
+    h_a = inv_s2 * (b_inv.to(dtype) @ a)
+    b_perp = b - B @ (b_inv @ row_sum(B.double().T @ b.double())).to(dtype)  # (I − P_B) b
+    h_b = inv_s2 * (b_perp @ a_inv.to(dtype))
+    if sylvester:
+        c = -inv_s2 * (b_inv @ (a.double() @ A.double().T))
+        # (BᵀB) X + X (AAᵀ) = C, diagonalised by the two eigenbases.
+        x = qb @ ((qb.T @ c @ qa) / (eb[:, None] + ea[None, :]).clamp_min(1e-30)) @ qa.T
+        x = x.to(dtype)
+        h_a = h_a + x @ A
+        h_b = h_b - B @ x
+    return h_a, h_b
 
 
 class LoRAProMixin:
@@ -55,14 +106,14 @@ class LoRAProMixin:
 
     def _group_step(self, group: dict) -> None:
         pairs = [(group["params"][ia], group["params"][ib], s, ia) for ia, ib, s in group.get("lora_pairs") or ()]
-        pairs = [p for p in pairs if p[0].grad is not None or p[1].grad is not None]  # else skipped (README §2.6)
+        pairs = [p for p in pairs if p[0].grad is not None or p[1].grad is not None]  # else skipped
         splits = []
         for A, B, _, index_a in pairs:
             self._check_pair(group, A, B, index_a)
             splits.append((self._rows(group, A, index_a), self._rows(group, B, index_a + 1)))
-        # Under FSDP2 (specs/lorapro.md §7) A [r, n] is gathered whole (r×n, small) and B [m, r] stays in row
-        # blocks: BᵀB is summed over ranks (r×r). One batched fp64 eigh of all pairs' r×r Grams per rank r (spec
-        # §6: not ~4 tiny calls per pair); each decomposition serves both adjustments of the pair's step.
+        # Under FSDP2 (docs/adapters/lorapro.md, "Distributed") A [r, n] is gathered whole (r×n, small) and B [m, r]
+        # stays in row blocks: BᵀB is summed over ranks (r×r). One batched fp64 eigh of all pairs' r×r Grams per rank r
+        # (not ~4 tiny calls per pair); each decomposition serves both adjustments of the pair's step.
         factors = [(ra.gather(local(A.detach())), local(B.detach())) for (A, B, _, _), (ra, _) in zip(pairs, splits)]
         eigs: dict[int, tuple] = {}
         by_rank: dict[int, list[int]] = {}
@@ -85,13 +136,13 @@ class LoRAProMixin:
     def _check_pair(self, group: dict, A: nn.Parameter, B: nn.Parameter, index_a: int) -> None:
         if A.dim() != 2 or B.dim() != 2:
             raise RuntimeError(
-                f"lorapro: the LoRA factors of {group['names'][index_a]!r} arrived flattened ({A.dim()}-D/{B.dim()}-D); "
-                "FSDP1 and DeepSpeed ZeRO hand optimizers flat shards, so no (A, B) pair can be formed. Use FSDP2 "
-                "(fully_shard) or DDP."
-            )
+                f"lorapro: the LoRA factors of {group['names'][index_a]!r} arrived flattened "
+                f"({A.dim()}-D/{B.dim()}-D), so no (A, B) pair can be formed: "
+                + engine_refusal("flat", "lorapro", **CAPABILITIES, alternative="plain LoRA (--adapter lora)"))
         for p in (A, B):
             if p.grad is None:  # abnormal for a plain LoRA layer: treat as zeros, say so once
-                _warn_once(f"lorapro: {group['names'][index_a]!r}: one LoRA factor has no gradient; using zeros")
+                message = f"lorapro: {group['names'][index_a]!r}: one LoRA factor has no gradient; using zeros"
+                warn_once(_warned, message, message)
                 p.grad = torch.zeros_like(p)
 
     def _pair_step(self, group: dict, A: nn.Parameter, B: nn.Parameter, scaling: float, eig: tuple,
@@ -114,7 +165,7 @@ class LoRAProMixin:
                 state["exp_avg_sq"] = rb.keep(torch.zeros_like(g_full))
             state["step"] += 1
             beta1, beta2 = group["betas"]
-            u = adam_direction_(local(state["exp_avg"]), local(state["exp_avg_sq"]), g_full, step=state["step"],
+            u = adam_direction_(g_full, local(state["exp_avg"]), local(state["exp_avg_sq"]), step=state["step"],
                                 beta1=beta1, beta2=beta2, eps=group["eps"])
             d_a, d_b = adjust(A32, B32, scaling * rb.sum(B32.T @ u), scaling * (u @ A32.T), sylvester=sylvester)
             with fp32_view(local(A)) as a, fp32_view(local(B)) as b:
@@ -137,13 +188,7 @@ def _no_update(param, grad, state, group, rows) -> None:
     return None
 
 
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
+_warned: set[str] = set()  # warn_once's scope: once per process
 
 
 def lorapro_pairs(model: nn.Module, other_lora_layers: Literal["error", "adamw"] = "error"):
@@ -162,8 +207,9 @@ def lorapro_pairs(model: nn.Module, other_lora_layers: Literal["error", "adamw"]
                 "AdamW-T instead."
             )
         tensors = named_adapter_tensors(model, name, module, adapter)
-        _warn_once(f"lorapro: {name!r} is not a plain LoRA Linear pair ({problem}); its tensors "
+        message = (f"lorapro: {name!r} is not a plain LoRA Linear pair ({problem}); its tensors "
                    f"{[n for n, _ in tensors]} get AdamW-T")
+        warn_once(_warned, message, message)
         others += tensors
     if not pairs:
         raise ValueError("lorapro: the model has no trainable plain LoRA Linear layers; wrap it with "

@@ -26,6 +26,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..optim.capabilities import method_refusal
 from ..optim.registry import get_spec
 
 _patched: set[str] = set()
@@ -100,28 +101,23 @@ def enable_cpu_engines(args=None) -> None:
         _patched.add("deepspeed")
 
 
-def refuse_flattening_engine(trainer, name: str) -> None:
-    """DeepSpeed ZeRO and FSDP1 hand the optimizer flat 1-D partitions that mix rows (and parameters); a
-    method that needs the matrix shape would silently degrade there, so it is refused before training."""
-    spec = get_spec(name)
-    engine = None
-    if trainer.is_deepspeed_enabled and not spec.deepspeed:
-        engine = "DeepSpeed ZeRO"
-    elif trainer.is_fsdp_enabled:
+def trainer_engine(trainer) -> str:
+    """The engine a prepared HF Trainer runs: ``ddp`` (also one process), ``fsdp1``, ``fsdp2`` or ``zero1``–``zero3``
+    (the names of :func:`memtrain.optim.capabilities.engine_refusal`)."""
+    if trainer.is_deepspeed_enabled:
+        return f"zero{trainer.accelerator.state.deepspeed_plugin.zero_stage}"
+    if trainer.is_fsdp_enabled:
         plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
-        if getattr(plugin, "fsdp_version", 1) == 1 and spec.needs_matrix_shape:
-            engine = "FSDP1"
-        elif not spec.fsdp2:
-            raise ValueError(
-                f"optimizer {name!r} is not verified exact on FSDP2-sharded weights yet; use DDP "
-                "(configs/accelerate/ddp.yaml) or an optimizer whose capabilities list fsdp2 (python -m memtrain.optim)."
-            )
-    if engine:
-        raise ValueError(
-            f"optimizer {name!r} needs each weight's matrix shape, but {engine} hands optimizers flat 1-D "
-            "partitions that cut across rows and parameters. Use FSDP2 (configs/accelerate/fsdp2.yaml) or DDP "
-            "(configs/accelerate/ddp.yaml), or an elementwise optimizer such as adamw."
-        )
+        return "fsdp1" if getattr(plugin, "fsdp_version", 1) == 1 else "fsdp2"
+    return "ddp"
+
+
+def refuse_flattening_engine(trainer, name: str) -> None:
+    """Refuse, before training, an engine the optimizer ``name`` would silently get wrong (DeepSpeed ZeRO and FSDP1
+    hand it flat 1-D partitions; FSDP2 row blocks need a verified sharded update)."""
+    refusal = method_refusal(get_spec(name), trainer_engine(trainer))
+    if refusal:
+        raise ValueError(refusal)
 
 
 def end_process_group() -> None:

@@ -1,8 +1,9 @@
 """``adafactor``: Adafactor (Shazeer & Stern 2018), numerically identical to ``transformers.optimization.Adafactor``.
 
-Specs: specs/adafactor.md. The second moment of every ≥2-D tensor is factored over its last two dims (a row and
-a column statistic, ≈ 0 B/param); 1-D tensors keep a full second moment. The update is clipped to RMS ≤ d, scaled
-by the step size α_t and, with ``beta1``, smoothed by a momentum on the scaled update (the T2T/HF form, not Adam's).
+Shazeer & Stern, arXiv 1804.04235; docs/optimizers/adafactor.md. The second moment of every ≥2-D tensor is factored over
+its last two dims (a row and a column statistic, ≈ 0 B/param); 1-D tensors keep a full second moment. The update is
+clipped to RMS ≤ d, scaled by the step size α_t and, with ``beta1``, smoothed by a momentum on the scaled update (the
+T2T/HF form, not Adam's).
 
 The name is HF's too. memtrain names take precedence in memtrain's ``TrainingArguments``, so with default
 options this class does exactly what HF Trainer's ``optim="adafactor"`` does: an external lr (the Trainer's
@@ -15,21 +16,65 @@ for Adafactor.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .sharding import Rows, local
 from .base import MemtrainOptimizer, fp32_view
-from .registry import OptimizerSpec, register
 from .routing import ROLES
-from .transforms import clip_by_rms_, factored_rsqrt, factored_second_moment_, mean_over_rows, rms
+
+
+def rms(x: Tensor) -> Tensor:
+    """Root mean square of all entries, as a 0-d tensor (no host sync). Empty tensors give 0."""
+    return x.norm(2) / max(x.numel(), 1) ** 0.5
+
+
+def mean_over_rows(x: Tensor) -> Tensor:
+    """The mean over the second-to-last dim (keepdim): Adafactor's "over the rows" reduction, and the default
+    ``column_mean`` of the two factored functions below. Under FSDP2 a sharded matrix passes
+    ``sharding.Rows.column_mean`` instead (same values, all-reduced over the row blocks)."""
+    return x.mean(dim=-2, keepdim=True)
+
+
+def factored_second_moment_(row: Tensor, col: Tensor, sq: Tensor, beta2: float,
+                            column_mean: Callable = mean_over_rows) -> None:
+    """Adafactor's factored EMA of ``sq`` (G² + ε1) over its last two dims, in place.
+
+    ``row`` (shape ``sq.shape[:-1]``) tracks the mean over the last dim, ``col`` (``sq.shape[:-2] + sq.shape[-1:]``)
+    the mean over the second-to-last dim, taken by ``column_mean`` (keepdim); the rank-1 reconstruction is in
+    :func:`factored_rsqrt`. The row statistic never leaves its rows, so a row block's ``row`` is local under FSDP2.
+    """
+    row.mul_(beta2).add_(sq.mean(dim=-1), alpha=1 - beta2)
+    col.mul_(beta2).add_(column_mean(sq).squeeze(-2), alpha=1 - beta2)
+
+
+def factored_rsqrt(row: Tensor, col: Tensor, column_mean: Callable = mean_over_rows) -> Tensor:
+    """``rsqrt`` of the rank-1 estimate ``V̂ = R Cᵀ / mean(R)`` as the outer product of two factors.
+
+    Equal to the paper's sums form ``R_s C_sᵀ / Σ R_s``; computed as HF/fairseq do (row factor normalised by its
+    mean, then multiplied by ``rsqrt(C)``), so results match ``transformers.optimization.Adafactor`` bitwise.
+    ``mean(R)`` is the mean over all rows, taken by ``column_mean`` on ``R`` as a column (``[..., m, 1]``): the
+    same reduction as ``row.mean(dim=-1)`` bit for bit, and a scalar all-reduce when ``row`` is a row block.
+    """
+    row_mean = column_mean(row.unsqueeze(-1)).squeeze(-1)
+    r_factor = (row / row_mean).rsqrt_().unsqueeze(-1)
+    c_factor = col.unsqueeze(-2).rsqrt()
+    return torch.mul(r_factor, c_factor)
+
+
+def clip_by_rms_(update: Tensor, threshold: float, rms: Callable = rms) -> Tensor:
+    """Scale ``update`` in place so that its RMS is at most ``threshold`` (Adafactor's update clipping). ``rms``
+    measures the whole tensor (a scalar all-reduce when ``update`` is a row block)."""
+    return update.div_((rms(update) / threshold).clamp_(min=1.0))
 
 
 def global_rms(x: Tensor, rows: Rows) -> Tensor:
-    """RMS of the whole tensor whose rows ``x`` holds (adafactor.md §7: RMS(U) and RMS(p) are scalar all-reduces).
+    """RMS of the whole tensor whose rows ``x`` holds (under FSDP2 RMS(U) and RMS(p) are scalar all-reduces;
+    docs/optimizers/adafactor.md, "Distributed").
 
-    Unsharded (one process, DDP): :func:`~memtrain.optim.transforms.rms` itself, HF's ``norm(2) / sqrt(numel)``
+    Unsharded (one process, DDP): :func:`rms` itself, HF's ``norm(2) / sqrt(numel)``
     bit for bit. A row block: the sum of squares per row in fp32, across rows and ranks in fp64 (one 8-byte
     all-reduce), over the global element count; identical on every rank. Works on an empty block (0 rows), which
     still joins the all-reduce.
@@ -43,8 +88,11 @@ def global_rms(x: Tensor, rows: Rows) -> Tensor:
 
 class Adafactor(MemtrainOptimizer):
     name = "adafactor"
+    description = "Adafactor: factored second moment (≈0 B/param on matrices), update clipping; HF-identical"
     owns = frozenset(ROLES)  # every parameter: matrices factored, vectors unfactored
     needs_matrix_shape = True  # a factored moment cannot be formed on a flattened shard
+    fsdp2 = True  # R local, C from all-reduced column sums (replicated), mean(R)/RMS(U)/RMS(p) scalar all-reduces
+    deepspeed = False  # factored moments need the matrix shape
 
     def __init__(self, params, *, lr: float | None, weight_decay: float = 0.0, eps1: float = 1e-30,
                  eps2: float = 1e-3, clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
@@ -144,11 +192,3 @@ class Adafactor(MemtrainOptimizer):
                     p32.add_(p32, alpha=-group["weight_decay"] * alpha)
             p32.add_(-update)
 
-
-register(OptimizerSpec(
-    name="adafactor",
-    cls=Adafactor,
-    description="Adafactor: factored second moment (≈0 B/param on matrices), update clipping; HF-identical",
-    fsdp2=True,  # R local, C from all-reduced column sums (replicated), mean(R)/RMS(U)/RMS(p) scalar all-reduces
-    deepspeed=False,  # factored moments need the matrix shape
-))

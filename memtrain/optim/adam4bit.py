@@ -1,28 +1,27 @@
-"""``adam4bit``: AdamW whose two moments are stored in 4 bits (Li, Chen & Zhu 2023; specs/adam4bit.md).
+"""``adam4bit``: AdamW whose two moments are stored in 4 bits (Li, Chen & Zhu 2023, arXiv 2309.01507;
+docs/optimizers/adam4bit.md).
 
-The step is the shared AdamW-T step (``transforms.adamw_t_``, the same as ``adamw``): the moments are decoded
-to fp32 temporaries, updated together with the weight, and encoded again, so quantisation error only reaches the
-next step. Storage is :mod:`quant4`'s business: the first moment uses row-aligned blocks of ``block_size`` with
-the signed dynamic-exponent table (B128/DE); the second moment uses rank-1 (row max / column max) normalisation
-with the zero-free linear table (Rank-1/Linear, the paper's configuration), or blocks (``v_norm="block"``,
-torchao's and lpmm's default). Tensors with fewer than ``threshold`` elements (global count) keep fp32 moments
-and take the plain AdamW path.
+The step is the shared AdamW-T step (``transforms.adam_`` in the torch convention, the same as ``adamw``): the moments
+are decoded to fp32 temporaries, updated together with the weight, and encoded again, so quantisation error only reaches
+the next step. Storage is :mod:`quant4`'s business: the first moment uses row-aligned blocks of ``block_size`` with the
+signed dynamic-exponent table (B128/DE); the second moment uses rank-1 (row max / column max) normalisation with the
+zero-free linear table (Rank-1/Linear, the paper's configuration), or blocks (``v_norm="block"``, torchao's and lpmm's
+default). Tensors with fewer than ``threshold`` elements (global count) keep fp32 moments and take the plain AdamW path.
 
 State per quantised parameter: ``m_codes``/``v_codes`` (uint8, two codes per byte), ``m_scale`` and either
 ``v_row``/``v_col`` or ``v_scale`` (fp32), and the int ``step``; all plain tensors (under FSDP2, per-rank ones
 wrapped as ``Shard(0)`` DTensors), so ``weights_only`` resume works and the base ``load_state_dict`` keeps the
 uint8 codes uint8.
 
-FSDP2 (specs/adam4bit.md §7): blocks are row-aligned, so m and block v encode each rank's rows alone, bitwise as
-unsharded; their codes and scales are ``Shard(0)`` DTensors with the global shape. Rank-1 v keeps its row maxima
-with the rows and takes the column maxima from a MAX all-reduce (``v_col``, replicated). A 1-D tensor's shard is
-encoded in flat blocks of its own. DeepSpeed ZeRO's flat partitions get block v and a one-time warning.
+FSDP2 (docs/optimizers/adam4bit.md, "Distributed"): blocks are row-aligned, so m and block v encode each rank's rows
+alone, bitwise as unsharded; their codes and scales are ``Shard(0)`` DTensors with the global shape. Rank-1 v keeps its
+row maxima with the rows and takes the column maxima from a MAX all-reduce (``v_col``, replicated). A 1-D tensor's shard
+is encoded in flat blocks of its own. DeepSpeed ZeRO's flat partitions get block v and a one-time warning.
 """
 from __future__ import annotations
 
 import math
 import re
-import warnings
 from functools import partial
 from typing import Callable, Literal
 
@@ -30,11 +29,10 @@ import torch
 from torch import Tensor
 
 from .sharding import Rows, local
-from .base import SHAPED_ROLES, MemtrainOptimizer, fp32_view
+from .base import SHAPED_ROLES, MemtrainOptimizer, fp32_view, warn_once
 from .quant4 import BlockCodec, Rank1Codec, linear_table, signed_de_table
-from .registry import OptimizerSpec, register
 from .routing import ROLES
-from .transforms import adamw_t_
+from .transforms import adam_
 
 
 def _codecs(block_size: int, device: torch.device) -> tuple[BlockCodec, BlockCodec, Rank1Codec]:
@@ -69,7 +67,12 @@ def _split_fp32_groups(params, pattern: str | None) -> list:
 
 class Adam4bit(MemtrainOptimizer):
     name = "adam4bit"
+    description = "AdamW with 4-bit moments (B128/DE m, rank-1/linear v): ≈1.03 B/param on large tensors"
     owns = frozenset(ROLES)
+    # FSDP2: m and block v local (row-aligned blocks, codes and scales Shard(0)); rank-1 v: row maxima local,
+    # column maxima from a MAX all-reduce of n floats (replicated). ZeRO: block v on the flat partition.
+    fsdp2 = True
+    deepspeed = True
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, block_size: int = 128, v_norm: Literal["rank1", "block"] = "rank1",
@@ -115,8 +118,8 @@ class Adam4bit(MemtrainOptimizer):
         state["step"] += 1
         beta1, beta2 = group["betas"]
         with fp32_view(param) as p32:  # the update uses the new, unquantised moments
-            adamw_t_(p32, grad.float(), exp_avg, exp_avg_sq, step=state["step"], lr=group["lr"], beta1=beta1,
-                     beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+            adam_(p32, grad.float(), exp_avg, exp_avg_sq, step=state["step"], lr=group["lr"], beta1=beta1,
+                  beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
         keep = (lambda t, field: rows.keep(t)) if param.dim() >= 2 else partial(_keep_flat, rows, group["block_size"])
         _store(state, "m", m_codec.encode(exp_avg), keep, m_codec.replicated)
         # rank-1: the column maxima are a max over every rank's rows (a MAX all-reduce of n floats)
@@ -124,22 +127,20 @@ class Adam4bit(MemtrainOptimizer):
         _store(state, "v", v_fields, keep, v_codec.replicated)
 
 
-_warned_flat = False
+_warned: set[str] = set()
 
 
 def _warn_if_flat(param: Tensor, group: dict) -> None:
-    """Once per process: a matrix-role parameter that arrives 1-D (a DeepSpeed ZeRO or FSDP1 flat partition) cannot
-    have rank-1 V; it gets block V and blocks that follow the flat partition (specs/adam4bit.md §7)."""
-    global _warned_flat
-    if _warned_flat or param.dim() >= 2 or group["v_norm"] != "rank1" or group["role"] not in SHAPED_ROLES:
+    """Once per process: a matrix-role parameter that arrives 1-D (a DeepSpeed ZeRO or FSDP1 flat partition) cannot have
+    rank-1 V; it gets block V and blocks that follow the flat partition (docs/optimizers/adam4bit.md, "Distributed")."""
+    if param.dim() >= 2 or group["v_norm"] != "rank1" or group["role"] not in SHAPED_ROLES:
         return
-    _warned_flat = True
-    warnings.warn(
+    warn_once(_warned, "flat", 
         f"adam4bit: {group['role']} parameters arrive as a flat 1-D partition ({param.numel()} elements here): "
         "DeepSpeed ZeRO and FSDP1 hand the optimizer flat shards, which have no rows and columns. Their second "
         f"moment uses block normalisation (B{group['block_size']}/Linear) instead of rank-1, and blocks follow the "
         "flat partition, so numerics differ slightly from an unsharded run. For rank-1 V use FSDP2 (fully_shard) "
-        "or DDP; v_norm='block' silences this warning. (Warned once.)", stacklevel=2)
+        "or DDP; v_norm='block' silences this warning. (Warned once.)", stacklevel=3)
 
 
 def _keep_flat(rows: Rows, block_size: int, t: Tensor, field: str):
@@ -172,12 +173,3 @@ def _store(state: dict, prefix: str, fields: dict[str, Tensor], keep: Callable, 
 def _fields(state: dict, prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix) + 1:]: local(v) for k, v in state.items() if k.startswith(prefix + "_")}
 
-
-register(OptimizerSpec(
-    name="adam4bit",
-    cls=Adam4bit,
-    description="AdamW with 4-bit moments (B128/DE m, rank-1/linear v): ≈1.03 B/param on large tensors",
-    # m and block v local (row-aligned blocks, codes and scales Shard(0)); rank-1 v: row maxima local, column
-    # maxima from a MAX all-reduce of n floats (replicated)
-    fsdp2=True,
-))

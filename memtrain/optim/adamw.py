@@ -1,4 +1,5 @@
-"""``adamw``: the baseline. AdamW in the torch convention on every parameter (specs/README.md §2.4).
+"""``adamw``: the baseline. AdamW in the torch convention on every parameter (docs/registry-and-routing.md, "The AdamW
+conventions").
 
 It is the base optimizer with no owned roles, so every group takes the shared AdamW path that all other
 methods use as their fallback. The update is a per-parameter loop rather than torch's ``foreach`` kernels, on
@@ -14,11 +15,11 @@ comparison can give the baseline both lrs (docs/benchmarks/README.md, "Baseline 
 from __future__ import annotations
 
 from .base import MemtrainOptimizer
-from .registry import OptimizerSpec, register
 
 
 class AdamW(MemtrainOptimizer):
     name = "adamw"
+    description = "AdamW (torch convention) on every parameter; the baseline, 8 B/param of fp32 state"
     owns = frozenset()
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
@@ -30,9 +31,3 @@ class AdamW(MemtrainOptimizer):
             if group["role"] == "matrix":
                 group["lr"] = lr
 
-
-register(OptimizerSpec(
-    name="adamw",
-    cls=AdamW,
-    description="AdamW (torch convention) on every parameter; the baseline, 8 B/param of fp32 state",
-))

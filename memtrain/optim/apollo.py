@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from . import transforms as T
+from .fira import limit_norm_growth
 from .galore import GaLore
-from .registry import OptimizerSpec, register
 from .sharding import Rows, local
 
 #: How many int64 draws the seed chain advances per refresh: the reference's ``next_seed`` takes the 15th int64 that
@@ -70,6 +70,11 @@ class APOLLO(GaLore):
     """APOLLO (channel-wise scaling, ``rank`` 128 by default) on ``matrix`` parameters; AdamW-HF on the rest."""
 
     name = "apollo"
+    description = "APOLLO: raw gradient scaled per channel by Adam estimated in a random rank-r space (SGD-like memory)"
+    # GaLore's collectives (side 1: r×n all-reduce of R); the channel scale is local; the seeded P needs no
+    # communication; the tensor scale adds two scalar all-reduces on side 0 (docs/optimizers/apollo.md)
+    fsdp2 = True
+    deepspeed = False
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, rank: int = 128, update_proj_gap: int = 200, scale: float = 1.0,
@@ -132,7 +137,7 @@ class APOLLO(GaLore):
         if group["scale_front"]:
             U = U * root
         if not group["disable_nl"]:
-            U, state["prev_scaled_norm"] = T.limit_norm_growth(U, state["prev_scaled_norm"], group["gamma"],
+            U, state["prev_scaled_norm"] = limit_norm_growth(U, state["prev_scaled_norm"], group["gamma"],
                                                                norm=rows.norm)
         if not group["scale_front"]:
             U = U * root
@@ -143,21 +148,6 @@ class APOLLOMini(APOLLO):
     """APOLLO-Mini: rank 1, one scale per matrix, ``scale=128`` (the registry preset; build it by name)."""
 
     name = "apollo_mini"
+    description = "APOLLO-Mini: rank-1 random projection, one Adam-estimated scale per matrix (≈0 B/param there)"
+    presets = {"rank": 1, "scale_type": "tensor", "scale": 128.0}
 
-
-register(OptimizerSpec(
-    name="apollo",
-    cls=APOLLO,
-    description="APOLLO: raw gradient scaled per channel by Adam estimated in a random rank-r space (SGD-like memory)",
-    # GaLore's side-1 r×n all-reduce of R; channel scale local; the seeded P needs no communication
-    fsdp2=True,
-    deepspeed=False,
-))
-register(OptimizerSpec(
-    name="apollo_mini",
-    cls=APOLLOMini,
-    description="APOLLO-Mini: rank-1 random projection, one Adam-estimated scale per matrix (≈0 B/param there)",
-    defaults={"rank": 1, "scale_type": "tensor", "scale": 128.0},
-    fsdp2=True,  # plus two scalar all-reduces (‖N‖², ‖R‖²) on side 0
-    deepspeed=False,
-))

@@ -4,8 +4,9 @@ A method subclasses :class:`MemtrainOptimizer`, names the roles it transforms in
 ``update()`` for one parameter. Everything else is here, once:
 
 * role-tagged param groups (built by ``routing.build_param_groups``); each group records the ``method`` that
-  updates it: the subclass for owned roles, the AdamW fallback (AdamW-T, specs/README.md §2.4) for the rest,
-  with its own ``adam_lr`` / betas / ε options, or the method ``use_fallback`` chose (``adam4bit``, ``adafactor``);
+  updates it: the subclass for owned roles, the AdamW fallback (AdamW-T, docs/registry-and-routing.md, "The AdamW
+  conventions") for the rest, with its own ``adam_lr`` / betas / ε options, or the method ``use_fallback``
+  chose (``adam4bit``, ``adafactor``);
 * no host sync in a step: warnings that depend on tensor values are device flags, emitted by ``flush_warnings``;
 * lazy state: nothing is created before the first ``step()`` that sees a gradient, and state holds only
   tensors and Python numbers, so ``torch.load(weights_only=True)`` resume and accelerate's FSDP2 parameter
@@ -13,18 +14,23 @@ A method subclasses :class:`MemtrainOptimizer`, names the roles it transforms in
 * fp32 arithmetic on low-precision parameters, written back in the parameter's own dtype;
 * a ``load_state_dict`` that keeps each state tensor's saved dtype (torch casts floating state to the
   parameter dtype, turning fp32 moments of a bf16 model into bf16 and uint8 codes into floats);
-* the loud refusal of flattened 1-D shards for roles whose method needs the matrix shape;
+* the loud refusal of flattened 1-D shards for roles whose method needs the matrix shape, and of FSDP2 shards for
+  a method whose sharded update is not verified (the rules: ``capabilities.engine_refusal``);
+* the method's identity and capabilities as class attributes, which the registry reads (``registry.BUILTINS``);
 * FSDP2: ``update()`` gets the rank's local rows of a sharded parameter and its gradient, plus a
   :class:`~memtrain.optim.sharding.Rows` that provides the collectives the method's transforms need (see
-  ``memtrain/distributed.py``); unsharded parameters get the same call with identity collectives.
+  ``memtrain/optim/sharding.py``); unsharded parameters get the same call with identity collectives.
 """
 from __future__ import annotations
 
+import importlib
+import logging
 import math
 import warnings
 from contextlib import contextmanager
 from itertools import chain
-from typing import Any, Callable, ClassVar, Iterable
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -32,12 +38,14 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from .routing import ROLES
+from .capabilities import method_refusal
 from .sharding import Rows, local, unsharded
-from .transforms import adamw_t_
+from .transforms import TORCH, AdamConvention, adam_
 
 FALLBACK = "adamw"
-#: Methods that can update the roles a method does not own (``fallback=``, :meth:`MemtrainOptimizer.use_fallback`).
-FALLBACKS = ("adamw", "adam4bit", "adafactor")
+#: The methods ``fallback=`` may name for the roles a method does not own (:meth:`MemtrainOptimizer.use_fallback`):
+#: name -> "module:Class" under memtrain.optim (adamw: this base's own AdamW).
+FALLBACKS = {"adamw": "", "adam4bit": "adam4bit:Adam4bit", "adafactor": "adafactor:Adafactor"}
 SHAPED_ROLES = ("matrix", "embedding", "head")
 
 
@@ -56,6 +64,19 @@ def _check_betas(name: str, betas) -> tuple[float, float]:
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         raise ValueError(f"{name} must lie in [0, 1), got {betas!r}")
     return beta1, beta2
+
+
+def warn_once(seen: set, key, message: str, *, logger: logging.Logger | None = None, stacklevel: int = 2) -> None:
+    """Say ``message`` the first time ``key`` enters ``seen``, the caller's scope: a module-level set (once per
+    process) or an instance's (once per optimizer). A ``UserWarning`` pointing ``stacklevel`` frames above the
+    caller, or ``logger.warning`` where the notice is information rather than a problem with the user's call."""
+    if key in seen:
+        return
+    seen.add(key)
+    if logger is not None:
+        logger.warning(message)
+    else:
+        warnings.warn(message, stacklevel=stacklevel + 1)
 
 
 def _tag_untyped_groups(params) -> list[dict]:
@@ -77,14 +98,6 @@ def _tag_untyped_groups(params) -> list[dict]:
             if members:
                 tagged.append({**group, "params": members, "role": role})
     return tagged
-
-
-def _registered_fsdp2(name: str) -> bool:
-    """The registry's fsdp2 capability of ``name`` (True for unregistered subclasses: nothing to check)."""
-    from .registry import _REGISTRY  # late import: registry modules import this one
-
-    spec = _REGISTRY.get(name)
-    return spec is None or spec.fsdp2
 
 
 @contextmanager
@@ -114,13 +127,25 @@ def _restore_dtypes(loaded, saved):
 
 
 class MemtrainOptimizer(Optimizer):
-    """Base class: subclasses set ``name``, ``owns`` and implement :meth:`update`."""
+    """Base class: subclasses set ``name``, ``description``, ``owns`` (and the capabilities that differ from the
+    defaults below) and implement :meth:`update`. The registry reads all of it from the class."""
 
     name: ClassVar[str] = "base"
+    #: One line for ``memtrain list``.
+    description: ClassVar[str] = ""
     #: Roles this method transforms; every other role is updated by the AdamW fallback.
     owns: ClassVar[frozenset[str]] = frozenset()
     #: Whether the transform needs the 2-D shape (refuses flattened 1-D shards of shaped roles).
     needs_matrix_shape: ClassVar[bool] = False
+    #: Keeps no per-parameter state on the roles it owns.
+    stateless: ClassVar[bool] = False
+    #: Runs exactly under FSDP2 (DTensor ``Shard(0)`` parameters).
+    fsdp2: ClassVar[bool] = True
+    #: Runs as a DeepSpeed ZeRO client optimizer (flat 1-D partitions).
+    deepspeed: ClassVar[bool] = True
+    #: Preset option values (a method's hyperparameter table) passed unless the user overrides them; never ``lr``.
+    #: (Not called ``defaults``: torch's ``Optimizer.defaults`` is the instance's dict of group defaults.)
+    presets: ClassVar[Mapping[str, Any]] = MappingProxyType({})
 
     def __init__(
         self,
@@ -163,17 +188,18 @@ class MemtrainOptimizer(Optimizer):
         parameters, with that method's defaults for its options; lr, weight decay (and adam4bit's betas and ε) are
         the group's, i.e. this method's fallback options (``adam_lr``, ``betas``, ``eps``). Call before the first
         step (``build_optimizer(..., fallback=name)`` and ``optim_args="fallback=name"`` do). Returns ``self``."""
-        from .registry import get_spec  # late import: registry modules import this one
-
         if name not in FALLBACKS:
             raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}, got {name!r}")
         if name == FALLBACK:
             return self
         if self.state:
             raise RuntimeError(f"{self.name}: choose the fallback before the first step (state exists already)")
-        spec = get_spec(name)
-        # An instance of the method over a placeholder: its update() and per-instance caches, never its groups.
-        method = spec.cls([torch.zeros(1)], lr=1e-3, **spec.defaults)
+        # The method's class, imported by name like the registry's BUILTINS (a module-level import would be a cycle:
+        # every method module imports this one). An instance over a placeholder: its update() and per-instance
+        # caches, never its groups.
+        module, _, cls_name = FALLBACKS[name].partition(":")
+        cls = getattr(importlib.import_module(f"{__package__}.{module}"), cls_name)
+        method = cls([torch.zeros(1)], lr=1e-3, **getattr(cls, "presets", {}))
         shared = ("lr", "weight_decay", "betas", "eps")  # the group's own values
         options = {k: v for k, v in method.defaults.items() if k not in shared}
         clash = sorted(set(options) & set(self.defaults))
@@ -222,19 +248,19 @@ class MemtrainOptimizer(Optimizer):
     def update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
         """Update one parameter of an owned role in place. ``state`` is empty on the first call. Under FSDP2
         ``param``/``grad`` are this rank's rows and ``rows`` gives the collectives; state that holds this rank's
-        rows is stored with ``rows.keep()`` and read with ``distributed.local()``."""
+        rows is stored with ``rows.keep()`` and read with ``sharding.local()``."""
         raise NotImplementedError(f"{type(self).__name__} owns roles {sorted(self.owns)} but has no update()")
 
     def adamw_update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
         """The AdamW-T fallback for roles the method does not own (and the whole of ``adamw``)."""
-        self.adam_step(param, grad, state, group, adamw_t_, rows)
+        self.adam_step(param, grad, state, group, TORCH, rows)
 
     @staticmethod
-    def adam_step(param: Tensor, grad: Tensor, state: dict, group: dict, kernel: Callable, rows: Rows) -> None:
-        """One Adam-family step with fp32 ``exp_avg``/``exp_avg_sq`` state and the group's lr, betas, ε and
-        decay: lazy state, counter, fp32 math written back in the param dtype. ``kernel`` is the convention
-        (``transforms.adamw_t_``, ``adamw_hf_``, …), called as ``kernel(p32, g32, m, v, step=, lr=, beta1=,
-        beta2=, eps=, weight_decay=)``. Elementwise, so the moments are sharded like the parameter."""
+    def adam_step(param: Tensor, grad: Tensor, state: dict, group: dict, convention: AdamConvention,
+                  rows: Rows) -> None:
+        """One Adam-family step (``transforms.adam_`` in ``convention``: ``TORCH``, ``HF``, ``SCALE``) with fp32
+        ``exp_avg``/``exp_avg_sq`` state and the group's lr, betas, ε and decay: lazy state, counter, fp32 math
+        written back in the param dtype. Elementwise, so the moments are sharded like the parameter."""
         if not state:
             state["step"] = 0
             state["exp_avg"] = rows.keep(torch.zeros_like(param, dtype=torch.float32))
@@ -242,10 +268,9 @@ class MemtrainOptimizer(Optimizer):
         state["step"] += 1
         beta1, beta2 = group["betas"]
         with fp32_view(param) as p32:
-            kernel(
-                p32, grad.float(), local(state["exp_avg"]), local(state["exp_avg_sq"]), step=state["step"], lr=group["lr"],
-                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            )
+            adam_(p32, grad.float(), local(state["exp_avg"]), local(state["exp_avg_sq"]), step=state["step"],
+                  lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                  convention=convention)
 
     def _update_fn(self, group: dict) -> Callable:
         if group["method"] in self._fallbacks:
@@ -259,21 +284,19 @@ class MemtrainOptimizer(Optimizer):
             return  # the AdamW fallback is elementwise: any shard layout is fine
         method = self._fallbacks.get(group["method"], self)  # the method that updates this group
         name = group["names"][index] or f"group {group['role']} #{index}"
-        if method.needs_matrix_shape and group["role"] in SHAPED_ROLES and param.dim() < 2:
-            raise RuntimeError(
-                f"{method.name}: parameter {name!r} (role {group['role']}) arrived as a flattened "
-                f"{param.dim()}-D tensor of {param.numel()} elements, so its rows and columns are lost. FSDP1 and "
-                f"DeepSpeed ZeRO hand optimizers such flat shards. {method.name} needs the matrix shape: use FSDP2 "
-                "(fully_shard) or DDP, or pick an elementwise optimizer such as adamw."
-            )
-        if isinstance(param, DTensor) and not _registered_fsdp2(method.name):
-            raise RuntimeError(
-                f"{method.name}: parameter {name!r} is a sharded DTensor (FSDP2), and {method.name} is not verified "
-                f"exact on sharded weights yet. Use DDP (configs/accelerate/ddp.yaml), or an optimizer whose "
-                "capabilities list fsdp2 (python -m memtrain.optim)."
-            )
+        if group["role"] in SHAPED_ROLES and param.dim() < 2:
+            refusal = method_refusal(method, "flat", method.name)
+            if refusal:
+                raise RuntimeError(f"{method.name}: parameter {name!r} (role {group['role']}) arrived as a flattened "
+                                   f"{param.dim()}-D tensor of {param.numel()} elements, so its rows and columns are "
+                                   f"lost: {refusal}")
+        if isinstance(param, DTensor):
+            refusal = method_refusal(method, "fsdp2", method.name,
+                                     alternative="an optimizer whose capabilities list fsdp2 (memtrain list)")
+            if refusal:
+                raise RuntimeError(f"{method.name}: parameter {name!r} is a sharded DTensor (FSDP2): {refusal}")
         if isinstance(param, DTensor) and method.needs_matrix_shape and group.get("layout") == "conv1d":
-            raise RuntimeError(  # Shard(0) of a stored [in, out] weight splits the columns (specs/README.md §2.7)
+            raise RuntimeError(  # Shard(0) of a stored [in, out] weight splits the columns (docs/distributed.md)
                 f"{method.name}: parameter {name!r} is a Conv1D weight (stored [in, out]) sharded by FSDP2, which then "
                 "splits its columns, not its rows; memtrain's matrix transforms support this layout only unsharded. "
                 "Use DDP, or an elementwise optimizer such as adamw."
@@ -313,7 +336,7 @@ class MemtrainOptimizer(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for index, param in enumerate(group["params"]):
-                if param.grad is not None:  # None: skipped entirely, no state, no counter (specs/README.md §2.6)
+                if param.grad is not None:  # None: skipped, no state, no counter (docs/registry-and-routing.md)
                     self.step_param(param, param.grad, group, index)
         return loss
 

@@ -1,16 +1,16 @@
-"""``galore`` and ``fira``: Adam run on a low-rank projection of each ``matrix`` gradient (specs/galore.md,
-specs/fira.md).
+"""``galore``: Adam run on a low-rank projection of each ``matrix`` gradient (Zhao et al., "GaLore", arXiv
+2403.03507; docs/optimizers/galore.md). Fira, which adds the discarded residual back, subclasses it (``fira.py``).
 
-GaLore keeps the Adam moments at the projected shape ``r × max(m, n)``. The projector ``P`` (the top-r singular
-vectors of the gradient on the side ``projector_side`` picks) is refreshed every ``update_proj_gap`` steps; the
-moments are carried over a refresh unchanged, as in the reference. Fira adds back the part of the gradient that
-GaLore discards, scaled per row/column by how much Adam rescaled the projected gradient, with a limiter on the
-growth of its norm. Every other role runs AdamW-HF (bias correction folded into the step size, ε on the
-uncorrected √V, decay after the update; README §2.4) with the same lr and no α, as ``GaLoreAdamW`` does.
+GaLore keeps the Adam moments at the projected shape ``r × max(m, n)``. The projector ``P`` (the top-r singular vectors
+of the gradient on the side ``projector_side`` picks) is refreshed every ``update_proj_gap`` steps; the moments are
+carried over a refresh unchanged, as in the reference. Fira adds back the part of the gradient that GaLore discards,
+scaled per row/column by how much Adam rescaled the projected gradient, with a limiter on the growth of its norm. Every
+other role runs AdamW-HF (bias correction folded into the step size, ε on the uncorrected √V, decay after the update;
+docs/registry-and-routing.md, "The AdamW conventions") with the same lr and no α, as ``GaLoreAdamW`` does.
 
-State per projected parameter is plain (README §2.8): ints ``step``, ``side``, ``refreshes``; fp32 tensors
-``P``, ``exp_avg``, ``exp_avg_sq`` (Fira: also the 0-d ``prev_residual_norm``). No projector object, so
-``torch.load(weights_only=True)`` resume works; the randomized solver's seed is rebuilt from stored integers.
+State per projected parameter is plain (docs/registry-and-routing.md, "State rules"): ints ``step``, ``side``,
+``refreshes``; fp32 tensors ``P``, ``exp_avg``, ``exp_avg_sq`` (Fira: also the 0-d ``prev_residual_norm``). No projector
+object, so ``torch.load(weights_only=True)`` resume works; the randomized solver's seed is rebuilt from stored integers.
 
 A refresh whose gradient is non-finite or all zero keeps P and takes the step with a zero gradient, so neither the
 solver nor the moments ever see a bad value. This is decided on the device, never by a host branch (``step()``
@@ -18,8 +18,8 @@ does not sync): ``step`` and ``refreshes`` count every step and every refresh st
 refresh is bad keeps P = 0, so it makes no update (zero moments; only its decoupled weight decay applies) until
 its next scheduled refresh. The warning about it is emitted lazily, by ``flush_warnings()``.
 
-Under FSDP2 (galore.md §7, fira.md §7) ``update()`` gets this rank's rows G_k and the collectives of
-:class:`~memtrain.optim.sharding.Rows`:
+Under FSDP2 (docs/optimizers/galore.md and docs/optimizers/fira.md, "Distributed") ``update()`` gets this rank's rows
+G_k and the collectives of :class:`~memtrain.optim.sharding.Rows`:
 
 * the refresh decision (finite, not all zero) is one MIN all-reduce of the local flags, so every rank enters the
   same collectives, empty shards included;
@@ -35,16 +35,17 @@ Under FSDP2 (galore.md §7, fira.md §7) ``update()`` gets this rank's rows G_k 
 from __future__ import annotations
 
 import logging
-from typing import Literal
+import math
+from typing import Callable, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from . import transforms as T
+from .transforms import _here, _whole, ieee_fp32
 from .sharding import Rows, local, unsharded
 from .base import MemtrainOptimizer, fp32_view
-from .registry import OptimizerSpec, register
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +55,72 @@ _PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
 def _replicated_across_ranks(P: Tensor) -> Tensor:
     """Under data parallelism every rank holds the same gradient, but an SVD need not be bitwise identical
-    across devices; rank 0's basis is broadcast so that the replicas cannot drift (galore.md §7)."""
+    across devices; rank 0's basis is broadcast so that the replicas cannot drift."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(P, src=0)
     return P
 
 
+def sign_fix_(basis: Tensor, side: int) -> Tensor:
+    """Flip each basis vector (rows of a side-0 ``[r, n]``, columns of a side-1 ``[m, r]``) so that its entry
+    of largest magnitude is positive (the first such entry on ties). Makes the basis independent of the
+    solver's sign convention. Needs the whole basis (under FSDP2 it runs before the basis is broadcast)."""
+    vectors = basis if side == 0 else basis.T  # [r, d], a view: flips write through
+    idx = vectors.abs().argmax(dim=1, keepdim=True)
+    signs = torch.sign(vectors.gather(1, idx))
+    vectors.mul_(torch.where(signs == 0, torch.ones_like(signs), signs))
+    return basis
+
+
+def gram_eigh_basis(G: Tensor, rank: int, side: int, *, gram_sum: Callable = _whole,
+                    on_owner: Callable = _here) -> Tensor:
+    """Top-``rank`` eigenvectors of ``GᵀG`` (side 0) or ``GGᵀ`` (side 1), by descending eigenvalue, sign-fixed.
+
+    The side-0 Gram is what an FSDP2 refresh can all-reduce: with G this rank's rows, ``gram_sum``
+    sums ``G_kᵀG_k`` over ranks (n×n) and ``on_owner(solve, like)`` runs the eigensolver on one rank and broadcasts
+    the ``[rank, n]`` basis into ``like`` elsewhere, so it is bitwise identical on all ranks. ``GGᵀ`` (side 1)
+    pairs every row with every other: it needs the whole G."""
+    with ieee_fp32():
+        gram = gram_sum(G.T @ G) if side == 0 else G @ G.T
+
+    def solve() -> Tensor:
+        _, vecs = torch.linalg.eigh(gram)  # ascending
+        top = vecs[:, -rank:].flip(1)
+        return sign_fix_(top.T.contiguous() if side == 0 else top.contiguous(), side)
+
+    d = gram.shape[0]
+    return on_owner(solve, G.new_empty((rank, d) if side == 0 else (d, rank)))
+
+
+def randomized_basis(G: Tensor, rank: int, side: int, generator: torch.Generator, niter: int = 2) -> Tensor:
+    """Halko range finder (Halko, Martinsson & Tropp, arXiv 0909.4061, Alg. 4.4): the top-``rank`` left singular vectors
+    of G (side 1), or the right ones via Gᵀ (side 0). Ω is drawn on the CPU from ``generator`` so the global RNG is
+    never touched. Needs the whole G (under FSDP2: gathered, and solved on one rank)."""
+    A = G if side == 1 else G.T  # we want A's left singular vectors
+    d_s = min(A.shape)
+    q = min(rank + max(8, math.ceil(rank / 8)), d_s)
+    omega = torch.randn(A.shape[1], q, generator=generator, dtype=torch.float32).to(A.device)
+    with ieee_fp32():
+        Q = torch.linalg.qr(A @ omega).Q
+        for _ in range(niter):
+            Q = torch.linalg.qr(A @ (A.T @ Q)).Q
+        U_small, _, _ = torch.linalg.svd(Q.T @ A, full_matrices=False)
+        left = (Q @ U_small)[:, :rank]
+    return left.contiguous() if side == 1 else left.T.contiguous()
+
+
 class GaLore(MemtrainOptimizer):
-    """GaLore with an AdamW-HF inner update (galore.md §2.1); AdamW-HF on every role but ``matrix``."""
+    """GaLore with an AdamW-HF inner update (docs/optimizers/galore.md, "Update"); AdamW-HF on every role but
+    ``matrix``."""
 
     name = "galore"
+    description = "GaLore: AdamW-HF on a rank-r SVD projection of each matrix gradient, refreshed every T steps"
     owns = frozenset({"matrix"})
     needs_matrix_shape = True
+    # global refresh flags (MIN all-reduce); refresh: n×n Gram all-reduce (side 0, gram_eigh) or all-gather of G,
+    # basis on the owner rank + broadcast; side 1: r×n all-reduce of R every step
+    fsdp2 = True
+    deepspeed = False
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25,
@@ -94,8 +149,9 @@ class GaLore(MemtrainOptimizer):
             self, params, rank=rank, update_proj_gap=update_proj_gap, scale=float(scale), proj_type=proj_type,
             projector=projector, sign_fix=bool(sign_fix or projector == "gram_eigh"), seed=int(seed),
             stagger_refresh=bool(stagger_refresh), **rest)
-        # Each parameter's 0-based position over all groups, in param_groups order (README §2.5): it seeds the
-        # randomized solver and the staggered refresh phase, and is saved with the groups.
+        # Each parameter's 0-based position over all groups, in param_groups order (docs/registry-and-routing.md,
+        # "Roles, group order and the learning rate"): it seeds the randomized solver and the staggered refresh phase,
+        # and is saved with the groups.
         index = 0
         for group in self.param_groups:
             group["param_indices"] = list(range(index, index + len(group["params"])))
@@ -103,8 +159,9 @@ class GaLore(MemtrainOptimizer):
 
     # -- the roles GaLore does not project ----------------------------------------------------------------
     def adamw_update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
-        """AdamW-HF (README §2.4), no α: what GaLoreAdamW does for groups without a rank."""
-        self.adam_step(param, grad, state, group, T.adamw_hf_, rows)
+        """AdamW-HF (docs/registry-and-routing.md, "The AdamW conventions"), no α: what GaLoreAdamW does for groups
+        without a rank."""
+        self.adam_step(param, grad, state, group, T.HF, rows)
 
     # -- the projected update -------------------------------------------------------------------------------
     def _basis(self, G: Tensor, rank: int, side: int, state: dict, group: dict, index: int) -> Tensor:
@@ -113,24 +170,24 @@ class GaLore(MemtrainOptimizer):
         if solver == "svd":
             P = T.svd_basis(G, rank, side)
         elif solver == "gram_eigh":
-            return T.gram_eigh_basis(G, rank, side)  # sign-fixed already
+            return gram_eigh_basis(G, rank, side)  # sign-fixed already
         else:
             refreshes = state.get("refreshes", 0)  # the value before this refresh's increment
             s64 = ((group["seed"] * 1_000_003 + index) * 1_000_003 + refreshes) % (2**63)
-            P = T.randomized_basis(G, rank, side, torch.Generator("cpu").manual_seed(s64))
+            P = randomized_basis(G, rank, side, torch.Generator("cpu").manual_seed(s64))
         if group["sign_fix"]:
-            T.sign_fix_(P, side)
+            sign_fix_(P, side)
         return P
 
     def _solve(self, G: Tensor, rank: int, side: int, state: dict, group: dict, index: int, rows: Rows) -> Tensor:
         """The whole new basis (side 0 ``[r, n]``, side 1 ``[m, r]``), bitwise identical on every rank.
 
-        Under FSDP2 (galore.md §7) the side-0 ``gram_eigh`` refresh needs only the n×n Gram all-reduced; every
-        other solver needs the whole G, so G is gathered. ``svd``/``randomized`` are not switched to ``gram_eigh``
-        (the spec's auto-switch) [DECISION]: the sharded run then equals the single-process run with the same
-        options. Either way one rank (``rows.owner``) solves and broadcasts."""
+        Under FSDP2 (docs/optimizers/galore.md, "Distributed") the side-0 ``gram_eigh`` refresh needs only the n×n Gram
+        all-reduced; every other solver needs the whole G, so G is gathered. ``svd``/``randomized`` are not switched to
+        ``gram_eigh`` (an automatic switch was considered and rejected): the sharded run then equals the single-process
+        run with the same options. Either way one rank (``rows.owner``) solves and broadcasts."""
         if group["projector"] == "gram_eigh" and side == 0:
-            P = T.gram_eigh_basis(G, rank, side, gram_sum=rows.sum, on_owner=rows.on_owner)
+            P = gram_eigh_basis(G, rank, side, gram_sum=rows.sum, on_owner=rows.on_owner)
         else:
             whole = rows.gather(G)
             shape = (rank, whole.shape[1]) if side == 0 else (whole.shape[0], rank)
@@ -142,7 +199,7 @@ class GaLore(MemtrainOptimizer):
         """Replace P from the current gradient, unless G is non-finite or all zero (then P is kept). Returns the
         gradient the step then uses: G itself, or zeros when it is bad.
 
-        No host sync (README §2.7; a GPU stall per refresh, and an error under ``FakeTensorMode``): the test is a
+        No host sync (docs/registry-and-routing.md; a GPU stall per refresh, and an error under ``FakeTensorMode``): the test is a
         device flag, global under FSDP2 (a MIN all-reduce of this rank's flags). The solver always runs, so every
         rank enters the same collectives, but on zeros when G is bad (it never sees a non-finite value), and its
         basis is then discarded by ``torch.where``; for a good G every value is bitwise what a host branch gives.
@@ -168,7 +225,7 @@ class GaLore(MemtrainOptimizer):
     def init_state(self, G: Tensor, state: dict, group: dict, rows: Rows, name: str) -> None:
         """Every state entry of a projected parameter, zero, at its final shape, on the parameter's first step, even
         when that step's gradient is bad (then P stays zero until a refresh succeeds). Distributed checkpointing builds its
-        load template from a zero-gradient step (README §2.8): an entry missing then is never restored on resume.
+        load template from a zero-gradient step (docs/registry-and-routing.md, "State rules"): an entry missing then is never restored on resume.
 
         Side 0: P ``[r, n]`` replicated, moments ``[m_k, r]`` this rank's rows (sharded like the weight); side 1:
         P ``[m_k, r]`` sharded, moments ``[r, n]`` replicated (R is all-reduced)."""
@@ -189,7 +246,7 @@ class GaLore(MemtrainOptimizer):
     def update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
         index = rows.position  # == group["param_indices"][i] for this parameter's place i in the group
         name = group["names"][group["param_indices"].index(index)]
-        conv1d = group.get("layout") == "conv1d"  # stored [in, out]: work on the [out, in] view (README §2.1)
+        conv1d = group.get("layout") == "conv1d"  # stored [in, out]: work on the [out, in] view
         G = grad.float()
         if conv1d:  # FSDP2 refuses a sharded conv1d weight (base._check_param), so the view is whole
             G = G.T
@@ -203,13 +260,12 @@ class GaLore(MemtrainOptimizer):
         R = T.project(G, P, side, row_sum=rows.sum)  # side 1: an r×n all-reduce under FSDP2
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        N = T.adam_hf_direction_(R, local(state["exp_avg"]), local(state["exp_avg_sq"]), beta1=beta1, beta2=beta2,
-                                 eps=group["eps"])
+        N = T.adam_direction_(R, local(state["exp_avg"]), local(state["exp_avg_sq"]), step=state["step"],
+                              beta1=beta1, beta2=beta2, eps=group["eps"], convention=T.HF)
         direction, coefficient = self.low_rank_step(G, R, N, P, state, group, rows)
         with fp32_view(param) as p32:
-            w = p32.T if conv1d else p32
-            w.add_(direction, alpha=-coefficient)
-            T.decay_after_(w, lr=group["lr"], weight_decay=group["weight_decay"])
+            T.descend_(p32.T if conv1d else p32, direction, lr=group["lr"], weight_decay=group["weight_decay"],
+                       step_size=coefficient, decay_after=True)
 
     def low_rank_step(self, G: Tensor, R: Tensor, N: Tensor, P: Tensor, state: dict, group: dict,
                       rows: Rows) -> tuple[Tensor, float]:
@@ -218,74 +274,3 @@ class GaLore(MemtrainOptimizer):
         beta1, beta2 = group["betas"]
         D = T.project_back(N, P, state["side"]) * group["scale"]
         return D, T.hf_step_size(group["lr"], state["step"], beta1, beta2)
-
-
-class Fira(GaLore):
-    """GaLore plus Fira's norm-scaled residual and norm-growth limiter (fira.md §2).
-
-    ``residual_mode="code"`` (default) is ``fira==1.0.2``: ``S = φ⊙(G − α·back(R))``, α on the Adam term only.
-    ``"paper"`` is the paper's Algorithm 1: ``S = c_t·φ⊙(G − back(R))``, α on both terms."""
-
-    name = "fira"
-
-    def __init__(self, params, *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, rank: int = 128, update_proj_gap: int = 200, alpha: float = 0.25,
-                 gamma: float = 1.01, residual_mode: Literal["code", "paper"] = "code",
-                 scaling: Literal["vector", "matrix"] = "vector",
-                 proj_type: Literal["std", "reverse_std", "left", "right"] = "std",
-                 projector: Literal["svd", "randomized", "gram_eigh"] = "svd", sign_fix: bool = False,
-                 seed: int = 0, stagger_refresh: bool = False):
-        if residual_mode not in ("code", "paper"):
-            raise ValueError(f"residual_mode must be 'code' (fira 1.0.2) or 'paper' (Algorithm 1), got {residual_mode!r}")
-        if scaling not in ("vector", "matrix"):
-            raise ValueError(f"scaling must be 'vector' (per row/column) or 'matrix', got {scaling!r}")
-        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not gamma >= 1.0:
-            raise ValueError(f"gamma (the norm-growth limit) must be a number >= 1, got {gamma!r}")
-        self._setup(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, rank=rank,
-                    update_proj_gap=update_proj_gap, scale=alpha, proj_type=proj_type, projector=projector,
-                    sign_fix=sign_fix, seed=seed, stagger_refresh=stagger_refresh, gamma=float(gamma),
-                    residual_mode=residual_mode, scaling=scaling)
-
-    def init_state(self, G, state, group, rows, name):
-        super().init_state(G, state, group, rows, name)
-        # replicated (computed from the all-reduced ‖S‖); 0 = no limit on the first residual
-        state["prev_residual_norm"] = torch.zeros((), dtype=torch.float32, device=G.device)
-
-    def low_rank_step(self, G, R, N, P, state, group, rows):
-        side, alpha = state["side"], group["scale"]
-        beta1, beta2 = group["betas"]
-        # φ reduces over r only: local on side 0's row blocks, and side 1's R and N are replicated. The whole-matrix
-        # norms (scaling="matrix" of side 0's [m_k, r] blocks, and ‖S‖ of the [m_k, n] residual) are all-reduced.
-        matrix_norm = rows.norm if side == 0 else torch.linalg.vector_norm
-        if group["residual_mode"] == "code":
-            phi = T.fira_scaling(N, R, side, group["scaling"], norm=matrix_norm)
-            S = (G - T.project_back(R, P, side) * alpha) * phi
-            S, state["prev_residual_norm"] = T.limit_norm_growth(S, state["prev_residual_norm"], group["gamma"],
-                                                                 norm=rows.norm)
-            D = T.project_back(N, P, side) * alpha + S
-            return D, T.hf_step_size(group["lr"], state["step"], beta1, beta2)
-        c_t = T.hf_step_size(1.0, state["step"], beta1, beta2)
-        phi = T.fira_scaling(c_t * N, R, side, group["scaling"], norm=matrix_norm)
-        S = (G - T.project_back(R, P, side)) * phi
-        S, state["prev_residual_norm"] = T.limit_norm_growth(S, state["prev_residual_norm"], group["gamma"],
-                                                             norm=rows.norm)
-        return T.project_back(N, P, side) * c_t + S, group["lr"] * alpha
-
-
-register(OptimizerSpec(
-    name="galore",
-    cls=GaLore,
-    description="GaLore: AdamW-HF on a rank-r SVD projection of each matrix gradient, refreshed every T steps",
-    # global refresh flags (MIN all-reduce); refresh: n×n Gram all-reduce (side 0, gram_eigh) or all-gather of G,
-    # basis on the owner rank + broadcast; side 1: r×n all-reduce of R every step (galore.md §7)
-    fsdp2=True,
-    deepspeed=False,
-))
-register(OptimizerSpec(
-    name="fira",
-    cls=Fira,
-    description="Fira: GaLore plus the norm-scaled residual outside the subspace, with a norm-growth limiter",
-    # GaLore's collectives, plus scalar all-reduces of ‖S‖² (and of ‖N‖², ‖R‖² for side 0 with scaling="matrix")
-    fsdp2=True,
-    deepspeed=False,
-))

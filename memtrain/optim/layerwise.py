@@ -1,4 +1,4 @@
-"""Layer-wise gradient release for every memtrain optimizer (specs/galore.md §10).
+"""Layer-wise gradient release for every memtrain optimizer (docs/layerwise.md).
 
 :class:`LayerwiseOptimizer` wraps one real optimizer. A post-accumulate-grad hook on every parameter runs that
 optimizer's own per-parameter update inside backward, as soon as the parameter's gradient is final, and frees

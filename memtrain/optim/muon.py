@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from .base import MemtrainOptimizer, _check_hyper, fp32_view
-from .registry import OptimizerSpec, register
 from .sharding import Rows, local
-from .transforms import as_out_in, whiten
+from .swan import whiten
+from .transforms import as_out_in
 
 #: The quintic's coefficients (a, b, c) of the Muon reference: chosen to maximise the slope at 0, so that small
 #: singular values grow fast; the iteration then oscillates in about [0.7, 1.2] rather than converging to 1.
@@ -65,8 +65,11 @@ def update_scale(m: int, n: int, rule: str) -> float:
 
 class Muon(MemtrainOptimizer):
     name = "muon"
+    description = "Muon: Newton–Schulz-orthogonalised momentum on hidden matrices (4 B/param there); AdamW on the rest"
     owns = frozenset({"matrix"})
     needs_matrix_shape = True
+    fsdp2 = True  # gather, orthogonalise on the owner rank, broadcast (docs/optimizers/muon.md)
+    deepspeed = False  # flat 1-D partitions have no rows: refused
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, adam_lr: float | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, momentum: float = 0.95,
@@ -140,11 +143,3 @@ class Muon(MemtrainOptimizer):
                               full.new_empty(full.shape, dtype=dtype))
         return rows.mine(ortho)
 
-
-register(OptimizerSpec(
-    name="muon",
-    cls=Muon,
-    description="Muon: Newton–Schulz-orthogonalised momentum on hidden matrices (4 B/param there); AdamW on the rest",
-    fsdp2=True,  # gather, orthogonalise on the owner rank, broadcast (docs/optimizers/muon.md)
-    deepspeed=False,  # flat 1-D partitions have no rows: refused
-))

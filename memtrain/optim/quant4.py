@@ -1,4 +1,5 @@
-"""4-bit storage of optimizer moments ("Memory Efficient Optimizers with 4-bit States", specs/adam4bit.md §2.2–2.5).
+"""4-bit storage of optimizer moments ("Memory Efficient Optimizers with 4-bit States", arXiv 2309.01507 §3–4;
+docs/optimizers/adam4bit.md, "Storage").
 
 A storage concern only: a codec turns an fp32 tensor into a dict of plain state tensors (uint8 codes, two 4-bit
 values per byte, plus fp32 scales) and back. The optimizer math never sees codes; ``adam4bit`` decodes the

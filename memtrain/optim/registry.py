@@ -1,7 +1,9 @@
 """The optimizer registry: name -> :class:`OptimizerSpec`, option parsing, and ``build_optimizer``.
 
-A method registers itself with one ``register(OptimizerSpec(...))`` call at the bottom of its module and adds
-its module name to ``BUILTIN_MODULES``. Options are the keyword arguments of the optimizer class's
+Everything the registry knows about a method is on its class (``name``, ``description``, ``owns``,
+``needs_matrix_shape``, ``stateless``, ``fsdp2``, ``deepspeed``, ``presets``; see
+:class:`~memtrain.optim.base.MemtrainOptimizer`). :data:`BUILTINS` is the one table of built-in methods (adding a
+method is one line there); :func:`register` adds a user's class. Options are the keyword arguments of the class's
 ``__init__``: their annotations give the types that ``optim_args="k=v,k=v"`` strings are converted to, so the
 class signature is the single source of truth for names, types and defaults.
 """
@@ -11,16 +13,30 @@ import importlib
 import inspect
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType, UnionType
 from typing import Any, Literal, Mapping, Union
 
 from torch import nn
 
 from . import routing
+from .layerwise import LayerwiseOptimizer
 
-#: Modules under memtrain.optim that register built-in optimizers (imported on first registry use).
-BUILTIN_MODULES = ("adamw", "swan", "sinkgd", "scale", "galore", "adafactor", "adam4bit", "slimadam", "muon", "apollo")
+#: The built-in methods: name -> "module:Class" under memtrain.optim, imported on first registry use.
+BUILTINS = {
+    "adamw": "adamw:AdamW",
+    "swan": "swan:SWAN",
+    "sinkgd": "sinkgd:SinkGD",
+    "scale": "scale:SCALE",
+    "galore": "galore:GaLore",
+    "fira": "fira:Fira",
+    "adafactor": "adafactor:Adafactor",
+    "adam4bit": "adam4bit:Adam4bit",
+    "slimadam": "slimadam:SlimAdam",
+    "muon": "muon:Muon",
+    "apollo": "apollo:APOLLO",
+    "apollo_mini": "apollo:APOLLOMini",
+}
 
 #: Arguments the training loop owns; they are not optim_args options.
 TRAINER_ARGS = ("lr", "weight_decay")
@@ -30,24 +46,19 @@ TRAINER_ARGS = ("lr", "weight_decay")
 UNIVERSAL_OPTIONS = {"layerwise": bool, "layerwise_clip": float, "fallback": Literal["adamw", "adam4bit", "adafactor"]}
 _UNIVERSAL_DEFAULTS = {"layerwise": False, "layerwise_clip": 0.0, "fallback": "adamw"}
 _NOT_OPTIONS = ("self", "params")
+CAPABILITIES = ("stateless", "needs_matrix_shape", "fsdp2", "deepspeed")
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    name: str
+    """A read-only view of a registered optimizer class: every field comes from the class's attributes."""
+
     cls: type
-    description: str
-    #: Preset values (a spec's hyperparameter table) passed unless the user overrides them. Never ``lr``.
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-    #: Keeps no per-parameter state on the roles it owns.
-    stateless: bool = False
-    #: Runs exactly under FSDP2 (DTensor ``Shard(0)`` parameters).
-    fsdp2: bool = True
-    #: Runs as a DeepSpeed ZeRO client optimizer (flat 1-D partitions).
-    deepspeed: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        for attr in ("name", "description"):
+            if not isinstance(getattr(self.cls, attr, None), str) or not getattr(self.cls, attr):
+                raise ValueError(f"{self.cls.__name__}: an optimizer class needs a non-empty class attribute {attr!r}")
         bad = set(self.defaults) - set(self.options())
         if bad:
             raise ValueError(f"{self.name}: defaults name unknown options {sorted(bad)}")
@@ -55,12 +66,31 @@ class OptimizerSpec:
             raise ValueError(f"{self.name}: lr must come from the training configuration, not a registry default")
 
     @property
-    def needs_matrix_shape(self) -> bool:
-        return bool(getattr(self.cls, "needs_matrix_shape", False))
+    def name(self) -> str:
+        return self.cls.name
+
+    @property
+    def description(self) -> str:
+        return self.cls.description
+
+    @property
+    def defaults(self) -> Mapping[str, Any]:
+        """The class's ``presets``: values passed unless the user overrides them. Never ``lr``."""
+        return MappingProxyType(dict(getattr(self.cls, "presets", {})))
 
     @property
     def owns(self) -> frozenset:
         return frozenset(getattr(self.cls, "owns", frozenset()))
+
+    def capabilities(self) -> dict[str, bool]:
+        """``stateless``, ``needs_matrix_shape``, ``fsdp2``, ``deepspeed`` (an unset one: the base's default)."""
+        base = {"stateless": False, "needs_matrix_shape": False, "fsdp2": True, "deepspeed": True}
+        return {k: bool(getattr(self.cls, k, base[k])) for k in CAPABILITIES}
+
+    stateless = property(lambda self: self.capabilities()["stateless"])
+    needs_matrix_shape = property(lambda self: self.capabilities()["needs_matrix_shape"])
+    fsdp2 = property(lambda self: self.capabilities()["fsdp2"])
+    deepspeed = property(lambda self: self.capabilities()["deepspeed"])
 
     def options(self) -> dict[str, inspect.Parameter]:
         """The constructor's keyword options (lr and weight_decay included), in signature order."""
@@ -74,32 +104,31 @@ class OptimizerSpec:
         hints = typing.get_type_hints(self.cls.__init__)
         return {n: hints.get(n, Any) for n in self.options()}
 
-    def capabilities(self) -> dict[str, bool]:
-        return {
-            "stateless": self.stateless,
-            "needs_matrix_shape": self.needs_matrix_shape,
-            "fsdp2": self.fsdp2,
-            "deepspeed": self.deepspeed,
-        }
-
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
 _loaded = False
 
 
-def register(spec: OptimizerSpec) -> OptimizerSpec:
-    if spec.name in _REGISTRY and _REGISTRY[spec.name].cls is not spec.cls:
+def register(cls: type) -> type:
+    """Register an optimizer class under ``cls.name`` (usable as a class decorator). Its capabilities and
+    presets are read from its class attributes; re-registering a name with another class is refused."""
+    spec = OptimizerSpec(cls)
+    if spec.name in _REGISTRY and _REGISTRY[spec.name].cls is not cls:
         raise ValueError(f"optimizer name {spec.name!r} is already registered by {_REGISTRY[spec.name].cls}")
     _REGISTRY[spec.name] = spec
-    return spec
+    return cls
 
 
 def _load_builtins() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        for module in BUILTIN_MODULES:
-            importlib.import_module(f"{__package__}.{module}")
+        for name, target in BUILTINS.items():
+            module, _, cls_name = target.partition(":")
+            cls = getattr(importlib.import_module(f"{__package__}.{module}"), cls_name)
+            if cls.name != name:
+                raise RuntimeError(f"BUILTINS[{name!r}] is {target}, whose class name is {cls.name!r}")
+            register(cls)
 
 
 class UnknownOptimizerError(ValueError):
@@ -134,7 +163,7 @@ def format_optimizers() -> str:
     width = max(len(r["name"]) for r in rows)
     lines = []
     for r in rows:
-        caps = [k for k in ("stateless", "needs_matrix_shape", "fsdp2", "deepspeed") if r[k]]
+        caps = [k for k in CAPABILITIES if r[k]]
         lines.append(f"{r['name']:<{width}}  {r['description']}  [{', '.join(caps) or '-'}]")
     return "\n".join(lines)
 
@@ -196,7 +225,8 @@ def _convert(raw: str, annotation, option: str):
         parts = [s for s in raw.strip("()[]").replace("|", ":").split(":") if s]
         if origin is tuple and args and args[-1] is not Ellipsis and len(parts) != len(args):
             raise ValueError(f"expected {len(args)} values separated by ':' (e.g. 0.9:0.999)")
-        member_types = args if origin is tuple and args and args[-1] is not Ellipsis else [args[0] if args else str] * len(parts)
+        fixed = origin is tuple and args and args[-1] is not Ellipsis
+        member_types = args if fixed else [args[0] if args else str] * len(parts)
         return origin(_convert(p, t, option) for p, t in zip(parts, member_types))
     if annotation is bool:
         if raw.lower() in _TRUE:
@@ -313,7 +343,7 @@ def build_optimizer(model_or_params, name: str, *, lr: float, weight_decay: floa
     Given an ``nn.Module``, parameters are routed by role (``routing.build_param_groups``; ``rules`` overrides
     roles with ``(regex, role)`` pairs; ``target_modules``, HF's ``optim_target_modules`` convention, limits the
     ``matrix`` role to those modules). Given parameters or param groups, they are used as they are. ``lr`` is
-    required: memtrain has no silent learning-rate default (specs/README.md §2.5). ``layerwise=True`` returns
+    required: memtrain has no silent learning-rate default (docs/registry-and-routing.md). ``layerwise=True`` returns
     a :class:`~memtrain.optim.layerwise.LayerwiseOptimizer` around the optimizer (gradient release in backward).
     ``fallback`` (``adamw``, ``adam4bit``, ``adafactor``) is the method for the roles ``name`` does not own.
     """
@@ -334,8 +364,6 @@ def build_optimizer(model_or_params, name: str, *, lr: float, weight_decay: floa
     if fallback != "adamw":
         optimizer.use_fallback(fallback)
     if layerwise:
-        from .layerwise import LayerwiseOptimizer
-
         return LayerwiseOptimizer(optimizer, clip=layerwise_clip)
     return optimizer
 

@@ -1,6 +1,6 @@
 """Parameter routing: every trainable parameter gets exactly one role, decided once when groups are built.
 
-Roles (specs/README.md §2.5):
+Roles (docs/registry-and-routing.md, "Routing"):
 
 =========== ================================================================================
 ``matrix``    weight of an ``nn.Linear`` (or GPT-2 ``Conv1D``) other than the output head
@@ -131,7 +131,8 @@ def build_param_groups(
 
     One group per (role, layout). The groups of roles the method does not own (its AdamW fallback) come first,
     then the owned ones; within each, groups are ordered by first appearance and parameters keep
-    ``named_parameters()`` order (specs/README.md §2.5, the order HF's GaLore setup uses).
+    ``named_parameters()`` order (docs/registry-and-routing.md, "Roles, group order and the learning rate": the order
+    HF's GaLore setup uses).
     """
     owned = frozenset(owned_roles)
     groups: dict[tuple[str, str], dict] = {}

@@ -1,4 +1,5 @@
-"""``scale``: SCALE, Stochastic Column-normalized Last-layer momEntum (specs/scale.md).
+"""``scale``: SCALE, Stochastic Column-normalized Last-layer momEntum (Glentis et al., arXiv 2506.16659;
+docs/optimizers/scale.md).
 
 Nearly stateless: each ``matrix`` gradient has every output row scaled to RMS 1; the input ``embedding`` has every
 feature (column) scaled to RMS 1 over the vocabulary; only the LM ``head`` keeps a momentum buffer, whose rows are
@@ -14,14 +15,14 @@ matrix      ``rows``     u = G / RMS over each row (dim 1)
 embedding   ``columns``  u = G / RMS over each column (dim 0, over the vocabulary)
 head        ``momentum`` M ← β·M + (1−β)·G;  u = M / RMS over each row
 other       ``momentum`` as head (the official "secondary" params), with a warning
-vector      ``adamw``    AdamW with ε on the uncorrected sqrt and decay first (scale.md §2 d)
+vector      ``adamw``    AdamW with ε on the uncorrected sqrt and decay first (AdamConvention SCALE)
 =========== ============ =====================================================================
 
-Tied embedding/head: routing gives the single shared tensor the role ``embedding`` and emits no ``head`` group.
-With ``tied_role="head"`` (default, scale.md §3) SCALE treats an ``embedding`` group as the head when the optimizer
-has no ``head`` group, so the last layer keeps its momentum; ``tied_role="embedding"`` reproduces the official
-code (vocabulary-axis normalisation, no momentum). Caveat: an untied model whose head is frozen also has no
-``head`` group; route such an embedding explicitly (``rules={"embed": "embedding"}`` keeps it, and
+Tied embedding/head: routing gives the single shared tensor the role ``embedding`` and emits no ``head`` group. With
+``tied_role="head"`` (default, docs/optimizers/scale.md, "Tied embedding/head") SCALE treats an ``embedding`` group as
+the head when the optimizer has no ``head`` group, so the last layer keeps its momentum; ``tied_role="embedding"``
+reproduces the official code (vocabulary-axis normalisation, no momentum). Caveat: an untied model whose head is frozen
+also has no ``head`` group; route such an embedding explicitly (``rules={"embed": "embedding"}`` keeps it, and
 ``tied_role="embedding"`` disables the substitution).
 """
 from __future__ import annotations
@@ -33,8 +34,7 @@ import torch
 
 from .sharding import local
 from .base import MemtrainOptimizer, _check_hyper, fp32_view
-from .registry import OptimizerSpec, register
-from .transforms import adamw_scale_, as_out_in, descend_, rms_normalize
+from .transforms import SCALE as SCALE_ADAMW, as_out_in, descend_, rms_normalize
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _BRANCH = {"matrix": "rows", "embedding": "columns", "head": "momentum", "other": "momentum", "vector": "adamw"}
@@ -42,8 +42,12 @@ _BRANCH = {"matrix": "rows", "embedding": "columns", "head": "momentum", "other"
 
 class SCALE(MemtrainOptimizer):
     name = "scale"
+    description = ("SCALE: row-RMS-normalised SGD on matrices, column-normalised embedding, momentum only on the "
+                   "head, AdamW on norm gains")
     owns = frozenset(_BRANCH)
     needs_matrix_shape = True
+    fsdp2 = True  # rows local, head momentum sharded, embedding column RMS: one all-reduce of d sums
+    deepspeed = False  # flat 1-D partitions have no rows: refused
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, adam_lr: float | None = None,
                  momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -77,29 +81,21 @@ class SCALE(MemtrainOptimizer):
     def update(self, param, grad, state, group, rows):
         branch, lr, wd = group["branch"], group["lr"], group["weight_decay"]
         if branch == "adamw":
-            self.adam_step(param, grad, state, group, adamw_scale_, rows)
+            self.adam_step(param, grad, state, group, SCALE_ADAMW, rows)
             return
         g = grad.float()
         if branch == "momentum":
-            if not state:  # stored in the parameter's own orientation (specs/README.md §2.1), sharded like it
+            if not state:  # stored in the parameter's own orientation (docs/registry-and-routing.md), sharded like it
                 state["momentum"] = rows.keep(torch.zeros_like(param, dtype=_DTYPES[group["state_dtype"]]))
             buf = local(state["momentum"])
             buf.lerp_(grad.to(buf.dtype), 1 - group["momentum"])  # no bias correction: the normalisation removes it
             g = buf.float()
         # Row RMS (matrix, head) is local to a row block under FSDP2; the embedding's column RMS over the vocabulary
-        # all-reduces the d column sums of squares and divides by the global V (scale.md §7).
+        # all-reduces the d column sums of squares and divides by the global V (docs/optimizers/scale.md,
+        # "Distributed").
         dim = 0 if branch == "columns" else 1
         u = rms_normalize(as_out_in(g, group.get("layout", "linear")), dim=dim, eps=group["norm_eps"],
                           column_mean=rows.column_mean)
         with fp32_view(param) as p32:
             descend_(as_out_in(p32, group.get("layout", "linear")), u, lr=lr, weight_decay=wd)
 
-
-register(OptimizerSpec(
-    name="scale",
-    cls=SCALE,
-    description="SCALE: row-RMS-normalised SGD on matrices, column-normalised embedding, momentum only on the head, "
-                "AdamW on norm gains",
-    fsdp2=True,  # rows local, head momentum sharded, embedding column RMS: one all-reduce of d sums (scale.md §7)
-    deepspeed=False,  # flat 1-D partitions have no rows: refused
-))

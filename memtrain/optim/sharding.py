@@ -4,7 +4,7 @@ FSDP2 (``fully_shard``) makes every parameter and gradient a DTensor with placem
 rank k holds a contiguous block of rows ``W_k`` (split like ``torch.chunk``, so a block may be shorter, or empty).
 The shared optimizer base hands a method's ``update()`` the rank's local tensors and a :class:`Rows` object that
 says how the rows are split. Every transform then declares what it needs by the call it makes
-(specs/README.md §2.7):
+(docs/distributed.md, "How a method runs on a sharded weight"):
 
 * **local** — reduces over dim 1 or is elementwise: plain tensor code on the local rows, no call at all;
 * **reduce** — a small all-reduced statistic: :meth:`Rows.sum` (column sums, an n×n Gram, a squared norm),
@@ -16,13 +16,13 @@ says how the rows are split. Every transform then declares what it needs by the 
 Unsharded tensors (one process, DDP) get :func:`unsharded` rows, whose collectives are identities that return their
 input untouched, so one code path serves every engine and the single-process numerics do not change.
 
-State that holds this rank's rows is stored through :meth:`Rows.keep` as a DTensor with the parameter's global
-shape and ``Shard(0)`` placement: distributed checkpointing (DCP) treats a plain tensor as replicated and would
-restore one rank's rows on every rank (specs/README.md §2.8). Replicated state (a ``[1, n]`` statistic, a
+State that holds this rank's rows is stored through :meth:`Rows.keep` as a DTensor with the parameter's global shape and
+``Shard(0)`` placement: distributed checkpointing (DCP) treats a plain tensor as replicated and would restore one rank's
+rows on every rank (docs/distributed.md, "Checkpoints and resume"). Replicated state (a ``[1, n]`` statistic, a
 right-side projector) stays a plain tensor, identical on all ranks. :func:`local` reads either form.
 
 Every collective adds its payload to :data:`COMM` (bytes per rank: the tensor all-reduced or broadcast, the
-gathered result of an all-gather), which ``scripts/benchmark.py`` and the distributed tests report per step.
+gathered result of an all-gather), which ``memtrain bench`` and the distributed tests report per step.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class Rows:
     @classmethod
     def of(cls, param: DTensor, name: str, position: int) -> "Rows":
         """The split of an FSDP2 parameter; its ``position`` in the optimizer picks the owner.
-        Anything but ``Shard(0)`` on a 1-D mesh (HSDP, tensor parallelism) is refused: the specs' collectives
+        Anything but ``Shard(0)`` on a 1-D mesh (HSDP, tensor parallelism) is refused: memtrain's collectives
         are written for row blocks."""
         mesh, placements = param.device_mesh, tuple(param.placements)
         if mesh.ndim != 1 or placements != (Shard(0),):

@@ -1,4 +1,5 @@
-"""``sinkgd``: Sinkhorn gradient descent, stateless on the hidden matrices (specs/sinkgd.md).
+"""``sinkgd``: Sinkhorn gradient descent, stateless on the hidden matrices (Scetbon et al., arXiv 2502.06742;
+docs/optimizers/sinkgd.md).
 
 For every ``matrix`` gradient G (``[out, in]``) the update is L alternations of row-RMS then column-RMS
 normalisation (a square-root Sinkhorn scaling of G⊙G), so every column has RMS 1 and every row nearly so. No state
@@ -7,16 +8,34 @@ is kept for these matrices; embedding, head and vector parameters get the AdamW-
 from __future__ import annotations
 
 import warnings
+from typing import Callable
+
+from torch import Tensor
 
 from .base import MemtrainOptimizer, _check_hyper, fp32_view
-from .registry import OptimizerSpec, register
-from .transforms import as_out_in, descend_, sinkhorn
+from .transforms import as_out_in, column_mean, descend_, rms_normalize
+
+
+def sinkhorn(g: Tensor, iterations: int = 5, eps: float = 1e-8, column_mean: Callable = column_mean) -> Tensor:
+    """SinkGD's square-root Sinkhorn (docs/optimizers/sinkgd.md, "Update"): ``iterations`` alternations of row-, then
+    column-RMS normalisation. Columns come last, so every column RMS is exactly 1; rows converge geometrically to RMS
+    1."""
+    x = g
+    for _ in range(iterations):
+        x = rms_normalize(x, dim=1, eps=eps)
+        x = rms_normalize(x, dim=0, eps=eps, column_mean=column_mean)
+    return x
 
 
 class SinkGD(MemtrainOptimizer):
     name = "sinkgd"
+    description = ("SinkGD: alternating row/column RMS normalisation (Sinkhorn) of hidden-matrix gradients (no "
+                   "state there); AdamW-T on the rest")
     owns = frozenset({"matrix"})
     needs_matrix_shape = True
+    stateless = True
+    fsdp2 = True  # row steps local, one all-reduce of n column sums per iteration
+    deepspeed = False  # flat 1-D partitions have no rows: refused
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, adam_lr: float | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, iterations: int = 5,
@@ -34,19 +53,11 @@ class SinkGD(MemtrainOptimizer):
                               "weight); they get the AdamW-T fallback", stacklevel=2)
 
     def update(self, param, grad, state, group, rows):
-        # Row steps are local under FSDP2's row sharding; each column step all-reduces n column sums (sinkgd.md §7).
+        # Row steps are local under FSDP2's row sharding; each column step all-reduces n column sums
+        # (docs/optimizers/sinkgd.md, "Distributed").
         delta = sinkhorn(as_out_in(grad.float(), group.get("layout", "linear")), group["iterations"],
                          group["norm_eps"], column_mean=rows.column_mean)
         with fp32_view(param) as p32:
-            descend_(as_out_in(p32, group.get("layout", "linear")), delta, lr=group["lr"], weight_decay=group["weight_decay"])
+            descend_(as_out_in(p32, group.get("layout", "linear")), delta, lr=group["lr"],
+                     weight_decay=group["weight_decay"])
 
-
-register(OptimizerSpec(
-    name="sinkgd",
-    cls=SinkGD,
-    description="SinkGD: alternating row/column RMS normalisation (Sinkhorn) of hidden-matrix gradients (no state "
-                "there); AdamW-T on the rest",
-    stateless=True,
-    fsdp2=True,  # row steps local, one all-reduce of n column sums per iteration (sinkgd.md §7)
-    deepspeed=False,  # flat 1-D partitions have no rows: refused
-))

@@ -1,4 +1,5 @@
-"""``slimadam``: AdamW with the second moment averaged along one axis per layer (Kalra et al. 2025; specs/slimadam.md).
+"""``slimadam``: AdamW with the second moment averaged along one axis per layer (Kalra et al. 2025, arXiv 2503.01843;
+docs/optimizers/slimadam.md).
 
 Per parameter a rule K ∈ {None, (0,), (1,)}, in the ``[out, in]`` view: K = (1,) keeps one second-moment value
 per output row (mean over ``in``), K = (0,) one per input column (mean over ``out``), None keeps it full. The first
@@ -9,10 +10,11 @@ Rules are decided once, at construction, and stored in the param groups (``group
 never looks at names. The default rules (the official code's ``DEFAULT_COMPRESSION_RULES``) are keyed by the
 parameter's role and, for ``matrix`` weights, by the module kind — the module's attribute name in its parent
 (``q_proj``, ``down_proj``, GPT-2's ``c_attn``, Meta's ``wq`` …). A JSON rules file (``rules_file=path``,
-``{"param name": [0] | [1] | null}``, e.g. written by ``scripts/slimadam_rules.py``) overrides them.
+``{"param name": [0] | [1] | null}``, e.g. written by ``memtrain slimadam-rules``) overrides them.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -22,15 +24,15 @@ import torch
 from torch import Tensor
 
 from .sharding import Rows, local
-from .base import MemtrainOptimizer, fp32_view
-from .registry import OptimizerSpec, register
+from .base import MemtrainOptimizer, fp32_view, warn_once
 from .routing import ROLES
-from .transforms import second_moment_snr, slim_adamw_t_
+from .transforms import adam_
 
 logger = logging.getLogger(__name__)
 
 FAN_IN, FAN_OUT = (1,), (0,)
-#: Default rule by module kind for ``matrix`` weights (specs/slimadam.md §3). HF LLaMA, GPT-2 and Meta names.
+#: Default rule by module kind for ``matrix`` weights (docs/optimizers/slimadam.md, "Rules"). HF LLaMA, GPT-2 and Meta
+#: names.
 MATRIX_RULES = {
     "q_proj": FAN_IN, "k_proj": FAN_IN, "wq": FAN_IN, "wk": FAN_IN,
     "v_proj": FAN_OUT, "o_proj": FAN_OUT, "wv": FAN_OUT, "wo": FAN_OUT,
@@ -42,6 +44,27 @@ MATRIX_RULES = {
 ROLE_RULES = {"embedding": FAN_IN, "head": FAN_IN, "vector": None}
 POSITION_EMBEDDINGS = ("wpe", "embed_positions", "position_embeddings")
 _warned: set[str] = set()
+
+
+def second_moment_snr(v: Tensor, dim: int) -> Tensor:
+    """SlimAdam's compressibility score of a second moment ``v`` along ``dim`` (docs/optimizers/slimadam.md, "The SNR
+    rules tool").
+
+    For every slice along ``dim``: ``mean² / var`` (population variance), then the mean over the slices. A slice
+    with zero variance and a nonzero mean counts as +inf (perfectly compressible); an all-zero slice is skipped.
+    Returns a 0-d fp64 tensor (NaN when every slice is all-zero).
+    """
+    v = v.double()
+    mean = v.mean(dim=dim)
+    var = v.var(dim=dim, unbiased=False)
+    nonzero = v.ne(0).any(dim=dim)
+    snr = torch.where(var > 0, mean.square() / var.clamp(min=torch.finfo(v.dtype).tiny), torch.inf)
+    snr = snr[nonzero]
+    return snr.mean() if snr.numel() else torch.tensor(float("nan"), dtype=torch.float64)
+
+
+def _mean_along(x: Tensor, dim: int) -> Tensor:
+    return x.mean(dim=dim, keepdim=True)
 
 
 def module_kind(name: str) -> str:
@@ -61,10 +84,9 @@ def default_rule(name: str, role: str, param: Tensor) -> tuple[int, ...] | None:
         return MATRIX_RULES[kind]
     if role == "other" and kind in POSITION_EMBEDDINGS:
         return FAN_IN  # one value per position
-    if name not in _warned:
-        _warned.add(name)
-        logger.warning("slimadam: no default compression rule for %s %r (module kind %r); its second moment stays "
-                       "full. Give it a rule in a rules file (rules_file=...).", role, name or "<unnamed>", kind)
+    warn_once(_warned, name, f"slimadam: no default compression rule for {role} {name or '<unnamed>'!r} (module kind "
+              f"{kind!r}); its second moment stays full. Give it a rule in a rules file (rules_file=...).",
+              logger=logger)
     return None
 
 
@@ -124,8 +146,11 @@ def _resolve_groups(params, rules: dict | None, compress: bool) -> list:
 
 class SlimAdam(MemtrainOptimizer):
     name = "slimadam"
+    description = "SlimAdam: AdamW with the second moment averaged along a per-layer axis (≈4 B/param)"
     owns = frozenset(ROLES)
     needs_matrix_shape = True  # compressing along an axis is meaningless on a flattened shard
+    fsdp2 = True  # K=(1,) and M local (sharded), K=(0,) all-reduces n column sums, V [1, n] replicated
+    deepspeed = False  # compressed axes need the matrix shape
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, rules_file: str | None = None, compress: bool = True):
@@ -151,15 +176,16 @@ class SlimAdam(MemtrainOptimizer):
             v = param.new_zeros(shape, dtype=torch.float32)
             # Under FSDP2 (rows split on dim 0): K=(1,) keeps one value per row, sharded with the rows; K=(0,)
             # keeps one value per column, [1, n], replicated as a plain tensor (identical on every rank: an EMA of
-            # all-reduced column means), saved once by DCP (slimadam.md §7).
+            # all-reduced column means), saved once by DCP (docs/optimizers/slimadam.md, "Distributed").
             state["exp_avg_sq"] = v if dim == 0 else rows.keep(v)
         state["step"] += 1
         beta1, beta2 = group["betas"]
         with fp32_view(param) as p32:
-            slim_adamw_t_(p32, grad.float(), local(state["exp_avg"]), local(state["exp_avg_sq"]), dim=dim,
-                          step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                          weight_decay=group["weight_decay"],
-                          mean=rows.column_mean if dim == 0 else None)  # over all m rows: an all-reduce of n sums
+            # AdamW-T whose second moment is averaged along ``dim`` (kept with size 1, broadcast against p). Along
+            # dim 0 the mean is over all m rows: under FSDP2 an all-reduce of n column sums.
+            adam_(p32, grad.float(), local(state["exp_avg"]), local(state["exp_avg_sq"]), step=state["step"],
+                  lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                  second_mean=rows.column_mean if dim == 0 else functools.partial(_mean_along, dim=dim))
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch restores every group key from the checkpoint; the rules of this optimizer (the user's current
@@ -184,7 +210,7 @@ class SlimAdam(MemtrainOptimizer):
                     )
 
 
-# -- the SNR rule derivation (scripts/slimadam_rules.py) -------------------------------------------------
+# -- the SNR rule derivation (memtrain slimadam-rules) -------------------------------------------------
 def measure_snr(optimizer: torch.optim.Optimizer) -> dict[str, dict[int, float]]:
     """SNR of each ≥2-D parameter's raw second moment (``exp_avg_sq`` of an AdamW-family optimizer) along each
     candidate K, keyed by parameter name and by K in the ``[out, in]`` view."""
@@ -219,11 +245,3 @@ def rules_from_measurements(measurements: Iterable[dict[str, dict[int, float]]],
         rules[name] = list(rule) if rule is not None else None
     return rules
 
-
-register(OptimizerSpec(
-    name="slimadam",
-    cls=SlimAdam,
-    description="SlimAdam: AdamW with the second moment averaged along a per-layer axis (≈4 B/param)",
-    fsdp2=True,  # K=(1,) and M local (sharded), K=(0,) all-reduces n column sums, V [1, n] replicated
-    deepspeed=False,  # compressed axes need the matrix shape
-))

@@ -1,4 +1,5 @@
-"""``swan``: SGD with row standardisation and whitening, stateless on the hidden matrices (specs/swan.md).
+"""``swan``: SGD with row standardisation and whitening, stateless on the hidden matrices (Ma et al., arXiv 2412.13148;
+docs/optimizers/swan.md).
 
 For every ``matrix`` gradient G (``[out, in]``): GradNorm standardises each row, GradWhitening maps the result to
 (approximately) its polar factor with a deflated, damped coupled Newton–Schulz iteration on the short side's
@@ -9,18 +10,144 @@ from __future__ import annotations
 
 import warnings
 
+from typing import Callable
+
+import torch
 from torch import Tensor
 
 from .sharding import Rows, unsharded
 from .base import MemtrainOptimizer, _check_hyper, fp32_view
-from .registry import OptimizerSpec, register
-from .transforms import as_out_in, descend_, frobenius_sq, standardize, unit_rms, whiten
+from .transforms import _here, _whole, as_out_in, column_mean, descend_, ieee_fp32
+
+
+def standardize(g: Tensor, dim: int = 1, eps: float = 1e-8, rel_tol: float = 1e-5,
+                column_mean: Callable = column_mean) -> Tensor:
+    """SWAN's GradNorm (docs/optimizers/swan.md, "Update"): subtract the mean over ``dim`` and divide by the population
+    std.
+
+    A slice whose std is at most ``max(eps, rel_tol·RMS)`` is constant (or zero) up to fp32 centering noise and
+    becomes exactly 0; dividing by that noise would blow it up to unit RMS and break scale invariance. A slice
+    holding NaN/Inf becomes NaN (never 0), as the non-finite policy says (docs/nonfinite.md).
+    ``dim=1`` (rows, the default) is local under FSDP2's row sharding; ``dim=0`` takes its three column
+    statistics from ``column_mean`` (``sharding.Rows.column_mean`` all-reduces them)."""
+    def mean(t: Tensor) -> Tensor:
+        return column_mean(t) if dim == 0 else t.mean(dim=dim, keepdim=True)
+
+    x = g - mean(g)
+    sigma = mean(x.square()).sqrt_()
+    rms = mean(g.square()).sqrt_()
+    # Written as "not constant" so that a NaN/Inf std (a non-finite entry) is kept and propagates like torch's
+    # optimizers; "sigma > floor" is False for NaN and zeroed the row silently (docs/nonfinite.md).
+    keep = ~(sigma <= (rms * rel_tol).clamp_(min=eps))
+    return torch.where(keep, x / torch.where(keep, sigma, torch.ones_like(sigma)), torch.zeros_like(x))
+
+
+def newton_schulz_inv_sqrt(a: Tensor, steps: int) -> Tensor:
+    """Coupled Newton–Schulz (step factor ½) for ``(A/‖A‖_F)^{-1/2}`` of a symmetric positive definite ``A``
+    (docs/optimizers/swan.md, "Update"). Normalising by the Frobenius norm puts every eigenvalue in (0, 1], where it
+    converges.
+
+    Per step ``T = 3I − ZY; Y ← ½·YT; Z ← ½·TZ``. Two products of the first step (with Z = I) and the last ``Y``
+    update (never read) are skipped: the result is bitwise the same, with 3k − 3 products instead of 3k."""
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    y = a / torch.linalg.matrix_norm(a)
+    t = 3 * eye - y  # step 1: Z = I, so ZY = Y and TZ = T exactly
+    z = 0.5 * t
+    for step in range(1, steps):
+        y = 0.5 * (y @ t)  # the Y of step ``step``, built from the previous T
+        t = 3 * eye - z @ y
+        z = 0.5 * (t @ z)
+    return z
+
+
+def whitening_side(m: int, n: int, centered_dim: int | None = 1) -> bool:
+    """True when SWAN whitens an m×n matrix on the right (``XᵀX``): m > n, or square with rows centred (or nothing
+    centred). The side rule (docs/registry-and-routing.md, "Orientation and side"), with a square matrix going to the
+    side whose Gram has the all-ones null vector, where :func:`whitening_root` deflates it."""
+    return m > n or (m == n and centered_dim != 0)
+
+
+def whitening_root(a: Tensor, *, steps: int, damping: float, deflate: bool) -> Tensor:
+    """``Z ≈ (A'/‖A'‖_F)^{-1/2}`` from the short-side Gram ``A``, with ``A' = A [+ (μA/d)·11ᵀ] + δ·μA·I``
+    (docs/optimizers/swan.md, "Update").
+
+    ``deflate`` (the Gram of the centred side) adds the rank-one term that gives the all-ones null vector a
+    typical eigenvalue (exact, because X is orthogonal to it), without which the coupled iteration amplifies
+    rounding noise along it by 1.5× per step. The damping ``δ·μA·I`` keeps A' positive definite in fp32. An
+    all-zero Gram (trace 0) runs the iteration on the identity instead, which gives Δ = 0 exactly without a NaN,
+    without a host round trip and without a branch (so under FSDP2 every rank runs the same collectives)."""
+    d = a.shape[0]
+    eye = torch.eye(d, dtype=a.dtype, device=a.device)
+    mean_eig = a.diagonal().sum() / d
+    if deflate:
+        a = a + mean_eig / d
+    a = a + (damping * mean_eig) * eye
+    a = torch.where(mean_eig > 0, a, eye)
+    return newton_schulz_inv_sqrt(a, steps)
+
+
+def whiten(x: Tensor, *, steps: int = 10, damping: float = 1e-6, centered_dim: int | None = 1,
+           total_rows: int | None = None, gram_sum: Callable = _whole, gather: Callable = _whole,
+           mine: Callable = _whole, on_owner: Callable = _here) -> Tensor:
+    """SWAN's GradWhitening (docs/optimizers/swan.md, "Update"): approximately the polar factor of ``x``, not yet
+    rescaled.
+
+    The short side's Gram is used (right, ``Δ = X·Z`` with ``Z`` from ``XᵀX``, when m > n; left, ``Δ = Z·X`` from
+    ``XXᵀ``, when m < n; square: :func:`whitening_side`), and :func:`whitening_root` turns it into ``Z``.
+    ``centered_dim`` is the dim GradNorm centred (its Gram is deflated).
+
+    The defaults whiten the whole matrix ``x``. Under FSDP2 (docs/optimizers/swan.md, "Distributed") ``x`` is this
+    rank's rows of a ``total_rows``-row matrix and the hooks are the collectives of ``sharding.Rows``, so the same
+    code runs:
+
+    * right side: ``gram_sum`` all-reduces the n×n Gram (``Σ_k X_kᵀX_k``), ``on_owner(solve, like)`` runs
+      ``solve()`` on one rank and broadcasts the result into ``like`` elsewhere (so Z is bitwise identical on all
+      ranks), and ``Δ_k = X_k·Z`` is local;
+    * left side: ``gather`` assembles the whole X on every rank, ``on_owner`` solves ``Z`` from ``XXᵀ`` on one
+      rank and broadcasts it (m² < m·n floats, cheaper than Δ), and ``Δ_k = mine(Z)·X`` uses this rank's rows.
+
+    With the identity defaults every step is the unsharded computation, bitwise."""
+    m, n = (x.shape[0] if total_rows is None else total_rows), x.shape[1]
+    right = whitening_side(m, n, centered_dim)
+    deflate = centered_dim == (1 if right else 0)
+    with ieee_fp32():
+        if right:
+            a = gram_sum(x.T @ x)
+            z = on_owner(lambda: whitening_root(a, steps=steps, damping=damping, deflate=deflate),
+                         torch.empty_like(a))
+            return x @ z
+        full = gather(x)
+        z = on_owner(lambda: whitening_root(full @ full.T, steps=steps, damping=damping, deflate=deflate),
+                     x.new_empty((m, m)))
+        return mine(z) @ full
+
+
+def frobenius_sq(x: Tensor) -> Tensor:
+    """``‖x‖_F²`` of a 2-D tensor as a 0-d fp64 tensor: summed per row in x's dtype, across rows in fp64 (an empty
+    ``x`` gives 0)."""
+    return x.square().sum(dim=-1).double().sum()
+
+
+def unit_rms(delta: Tensor, norm_sq: Callable = frobenius_sq, numel: int | None = None) -> Tensor:
+    """Rescale ``delta`` to entry-RMS 1; zero stays zero. ``‖Δ‖²`` is summed per row in fp32 and
+    across rows in fp64: an fp32 total over ~1e5 entries is off by ~2e-6, more than the unit-RMS tolerance.
+    Under FSDP2 ``delta`` is this rank's rows, ``norm_sq`` all-reduces the fp64 partial sums and ``numel`` is the
+    global matrix's element count."""
+    sq = norm_sq(delta)
+    numel = delta.numel() if numel is None else numel
+    scale = torch.where(sq > 0, (numel / sq).sqrt(), torch.zeros_like(sq))
+    return delta * scale.to(delta.dtype)
 
 
 class SWAN(MemtrainOptimizer):
     name = "swan"
+    description = ("SWAN: row-standardised, Newton–Schulz-whitened gradient on hidden matrices (no state there); "
+                   "AdamW-T on the rest")
     owns = frozenset({"matrix"})
     needs_matrix_shape = True
+    stateless = True
+    fsdp2 = True  # n×n Gram all-reduce (right) / all-gather (left), Z on the owner rank + broadcast
+    deepspeed = False  # flat 1-D partitions have no rows: refused
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, adam_lr: float | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, ns_steps: int = 10,
@@ -55,10 +182,10 @@ class SWAN(MemtrainOptimizer):
 
 def swan_direction(grad: Tensor, rows: Rows, *, layout: str = "linear", norm_dim: int = 1, row_eps: float = 1e-8,
                    ns_steps: int = 10, damping: float = 1e-6, fp32_whitening: bool = True) -> Tensor:
-    """SWAN's update direction (swan.md §2.1–2.3, ``[out, in]``) for this rank's rows ``grad`` of a matrix split as
-    ``rows`` says; unsharded rows make every collective the identity (the single-process numerics).
+    """SWAN's update direction (docs/optimizers/swan.md, "Update"; ``[out, in]``) for this rank's rows ``grad`` of a
+    matrix split as ``rows`` says; unsharded rows make every collective the identity (the single-process numerics).
 
-    Under FSDP2 (swan.md §7): GradNorm over rows is local (``norm_dim=0`` all-reduces three length-n column
+    Under FSDP2: GradNorm over rows is local (``norm_dim=0`` all-reduces three length-n column
     statistics); the right side all-reduces the n×n Gram, the left side all-gathers X, and both compute Z on
     ``rows.owner`` (round-robin over matrices) and broadcast it; the rescale all-reduces ‖Δ‖² in fp64."""
     g = as_out_in(grad.float(), layout)
@@ -71,13 +198,3 @@ def swan_direction(grad: Tensor, rows: Rows, *, layout: str = "linear", norm_dim
                    gram_sum=rows.sum, gather=rows.gather, mine=rows.mine, on_owner=rows.on_owner)
     return unit_rms(delta.float(), norm_sq=lambda d: rows.sum(frobenius_sq(d)), numel=rows.total * delta.shape[1])
 
-
-register(OptimizerSpec(
-    name="swan",
-    cls=SWAN,
-    description="SWAN: row-standardised, Newton–Schulz-whitened gradient on hidden matrices (no state there); "
-                "AdamW-T on the rest",
-    stateless=True,
-    fsdp2=True,  # n×n Gram all-reduce (right) / all-gather (left), Z on the owner rank + broadcast (swan.md §7)
-    deepspeed=False,  # flat 1-D partitions have no rows: refused
-))

@@ -21,7 +21,7 @@ import transformers
 from transformers import default_data_collator
 
 from .. import adapters
-from ..hf.engines import enable_cpu_engines, end_process_group
+from ..hf.engines import enable_cpu_engines, end_process_group, trainer_engine
 from ..optim import format_optimizers
 from . import data as data_lib
 from .arguments import check_output_dir, check_run_arguments, check_tokenizer_dir, parse_args, wants_list_optimizers
@@ -133,31 +133,11 @@ def _adapter_factory_kwargs(fargs: FinetuneArguments, args: TrainingArguments, o
 
 
 def check_engine(trainer, adapter: str, options: dict) -> None:
-    """Refuse, before training, an engine an adapter would get wrong (specs/README.md §2.7). DeepSpeed ZeRO and
-    FSDP1 hand the optimizer flat 1-D partitions, so no LoRA-Pro pair, GradNormLoRP projection or ALLoRA factor
-    row exists; ZeRO-3 and FSDP1 also split the LoRA layer that ALLoRA's and GradNormLoRP's modules read whole.
-    GradNormLoRP's projection is not sharded for FSDP2 yet. Plain LoRA (and full fine-tuning) run anywhere."""
-    if adapter in ("lora", "full"):
-        return
-    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
-    fsdp = trainer.is_fsdp_enabled
-    fsdp1 = fsdp and getattr(plugin, "fsdp_version", 1) == 1
-    zero = trainer.is_deepspeed_enabled
-    zero3 = zero and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-    needs_shape = adapter in ("lorapro", "gradnormlorp") or options.get("norm_target") == "factor_rows"
-    engine = None
-    if (zero or fsdp1) and needs_shape:
-        engine = "DeepSpeed ZeRO" if zero else "FSDP1"
-        why = "hands the optimizer flat 1-D partitions, so the LoRA factors lose their matrix shape"
-    elif zero3 or fsdp1:
-        engine = "DeepSpeed ZeRO-3" if zero3 else "FSDP1"
-        why = "splits the LoRA layer that the adapter's module reads whole in forward"
-    elif fsdp and adapter == "gradnormlorp":
-        engine, why = "FSDP2", "shards the factors its SVD projection needs whole (not implemented yet)"
-    if engine:
-        fix = "DDP or FSDP2 (configs/accelerate/ddp.yaml, fsdp2.yaml)" if adapter != "gradnormlorp" else \
-            "DDP (configs/accelerate/ddp.yaml)"
-        raise ValueError(f"adapter {adapter!r} cannot train under {engine}: it {why}. Use {fix}, or --adapter lora.")
+    """Refuse, before training, an engine the adapter would get wrong (the rules: memtrain.optim.capabilities;
+    each adapter's needs: ``adapters.engine_refusal``). Full fine-tuning is checked as its optimizer is."""
+    refusal = adapters.engine_refusal(adapter, trainer_engine(trainer), options) if adapter != "full" else None
+    if refusal:
+        raise ValueError(refusal)
 
 
 def run(fargs: FinetuneArguments, args: TrainingArguments) -> dict:

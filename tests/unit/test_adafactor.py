@@ -105,7 +105,7 @@ def test_steps_equal_an_independent_fp64_transcription(kw):
 
 
 def test_factored_identities_and_first_step_statistics():
-    from memtrain.optim.transforms import factored_rsqrt
+    from memtrain.optim.adafactor import factored_rsqrt
 
     g = torch.randn(9, 5, dtype=torch.float64).square() + 1e-30
     r, c = g.mean(dim=1), g.mean(dim=0)

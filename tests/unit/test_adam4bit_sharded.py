@@ -129,7 +129,7 @@ def test_1d_shards_off_the_block_grid_differ_slightly_and_stay_consistent():
 def test_flat_partition_of_a_matrix_gets_block_v_and_one_warning(monkeypatch):
     """DeepSpeed ZeRO hands the optimizer one flat 1-D partition per param group, roles kept: rank-1 v needs rows and
     columns, so such a partition gets block v (§7) and the process is told once."""
-    monkeypatch.setattr(adam4bit, "_warned_flat", False)
+    monkeypatch.setattr(adam4bit, "_warned", set())
     flat = [torch.nn.Parameter(torch.randn(4096)) for _ in range(3)]
     opt = Adam4bit([{"params": flat[:1], "role": "matrix", "names": ["model.layers.0.mlp.up_proj.weight"]},
                     {"params": flat[1:2], "role": "embedding", "names": ["model.embed_tokens.weight"]},
@@ -142,7 +142,7 @@ def test_flat_partition_of_a_matrix_gets_block_v_and_one_warning(monkeypatch):
     assert len([w for w in caught if "adam4bit" in str(w.message)]) == 1
     assert all("v_scale" in opt.state[p] and "v_row" not in opt.state[p] for p in flat)
 
-    monkeypatch.setattr(adam4bit, "_warned_flat", False)
+    monkeypatch.setattr(adam4bit, "_warned", set())
     quiet = [torch.nn.Parameter(torch.randn(4096)) for _ in range(2)]
     opts = [Adam4bit([{"params": quiet[:1], "role": "matrix", "names": ["w"]}], lr=1e-3, v_norm="block"),  # asked
             Adam4bit([{"params": quiet[1:], "role": "vector", "names": ["norm"]}], lr=1e-3)]  # 1-D by nature

@@ -5,7 +5,7 @@ import copy
 import torch
 
 import memtrain
-from memtrain.optim.transforms import adamw_t_
+from memtrain.optim.transforms import adam_
 
 from ..conftest import lm_batch, tiny_llama
 
@@ -58,7 +58,7 @@ def test_bf16_parameters_get_fp32_math_rounded_once():
     w_bf16, m, v = start.clone(), torch.zeros(8, 4), torch.zeros(8, 4)
     for t, g in enumerate(grads, 1):
         w = w_bf16.float()
-        adamw_t_(w, g.float(), m, v, step=t, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+        adam_(w, g.float(), m, v, step=t, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
         w_bf16 = w.bfloat16()
     assert torch.equal(p.detach(), w_bf16)
     assert not torch.equal(p.detach(), start)

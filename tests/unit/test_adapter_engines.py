@@ -1,4 +1,4 @@
-"""Adapters refuse, before training, the engines they would get wrong (specs/README.md §2.7)."""
+"""Adapters refuse, before training, the engines they would get wrong (docs/distributed.md)."""
 from types import SimpleNamespace
 
 import pytest
@@ -27,8 +27,28 @@ REFUSED = {
 def test_adapter_engine_matrix(case, engine):
     adapter, options = case.replace("_factor_rows", ""), {"norm_target": "factor_rows"} if "factor" in case else {}
     if (case, engine) in REFUSED:
-        with pytest.raises(ValueError, match=f"adapter {adapter!r} cannot train under") as e:
+        with pytest.raises(ValueError, match=f"adapter {adapter!r} (needs each weight's matrix shape|reads each adapted "
+                                             "layer whole|is not verified exact)") as e:
             check_engine(trainer(engine), adapter, options)
         assert "DDP" in str(e.value)
     else:
         check_engine(trainer(engine), adapter, options)
+
+
+MATRIX_METHODS = ("adafactor", "apollo", "apollo_mini", "fira", "galore", "muon", "scale", "sinkgd", "slimadam", "swan")
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp1", "zero2", "zero3"])
+def test_optimizer_engine_matrix(engine):
+    """Memtrain's Trainer refuses the flattening engines for the methods that need the matrix shape (the same rule
+    and wording as the adapters', memtrain.optim.capabilities); elementwise methods run everywhere."""
+    from memtrain.hf.engines import refuse_flattening_engine
+    from memtrain.optim.registry import optimizer_names
+
+    for name in optimizer_names():
+        if name in MATRIX_METHODS and engine in ("fsdp1", "zero2", "zero3"):
+            with pytest.raises(ValueError, match=f"optimizer {name!r} needs each weight's matrix shape, but "
+                                                 f"{'FSDP1' if engine == 'fsdp1' else 'DeepSpeed ZeRO'} hands"):
+                refuse_flattening_engine(trainer(engine), name)
+        else:
+            refuse_flattening_engine(trainer(engine), name)

@@ -75,7 +75,7 @@ def test_init_rows_get_eta_and_row_norm_without_ba_handles_zero_rows():
     _, _, gB, y = grads(model, layer, x)
     A = layer.lora_A["default"].weight.detach()
     torch.testing.assert_close(gB, ETA * ((2 * y.detach()).T @ x @ A.T), atol=1e-12, rtol=0)
-    from memtrain.optim.transforms import lora_row_norm
+    from memtrain.adapters.allora import lora_row_norm
 
     B = torch.randn(12, 4, dtype=torch.float64)
     B[3] = 0

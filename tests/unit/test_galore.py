@@ -8,8 +8,9 @@ import torch
 
 import memtrain
 from memtrain.hf.metrics import optimizer_state_bytes
-from memtrain.optim import transforms
-from memtrain.optim.galore import Fira, GaLore
+from memtrain.optim import fira as fira_module, galore as galore_module, transforms
+from memtrain.optim.fira import Fira
+from memtrain.optim.galore import GaLore
 
 from ..conftest import lm_batch, tiny_llama
 
@@ -252,19 +253,19 @@ def test_randomized_solver_is_deterministic_and_finds_the_subspace():
     G = _spectrum_matrix()
     exact = transforms.svd_basis(G, 32, 1)
     for niter, need in ((2, 0.97), (4, 0.99)):
-        a = transforms.randomized_basis(G, 32, 1, torch.Generator().manual_seed(5), niter=niter)
-        b = transforms.randomized_basis(G, 32, 1, torch.Generator().manual_seed(5), niter=niter)
+        a = galore_module.randomized_basis(G, 32, 1, torch.Generator().manual_seed(5), niter=niter)
+        b = galore_module.randomized_basis(G, 32, 1, torch.Generator().manual_seed(5), niter=niter)
         assert torch.equal(a, b)
         assert (exact.T @ a).pow(2).sum() / 32 >= need
-    right = transforms.randomized_basis(G.T.contiguous(), 32, 0, torch.Generator().manual_seed(5))
+    right = galore_module.randomized_basis(G.T.contiguous(), 32, 0, torch.Generator().manual_seed(5))
     assert right.shape == (32, 256) and (exact.T @ right.T).pow(2).sum() / 32 >= 0.97
 
 
 def test_gram_eigh_is_the_sign_fixed_svd_basis():
     G = torch.randn(40, 24, generator=torch.Generator().manual_seed(0))
     for side in (0, 1):
-        svd = transforms.sign_fix_(transforms.svd_basis(G, 6, side), side)
-        torch.testing.assert_close(transforms.gram_eigh_basis(G, 6, side), svd, rtol=0, atol=1e-5)
+        svd = galore_module.sign_fix_(transforms.svd_basis(G, 6, side), side)
+        torch.testing.assert_close(galore_module.gram_eigh_basis(G, 6, side), svd, rtol=0, atol=1e-5)
 
 
 def test_randomized_refreshes_are_reproducible_from_stored_integers():
@@ -292,22 +293,22 @@ def test_fira_modes_coincide_only_without_alpha_and_limiter(shape):
 
 def test_fira_scaling_axis():
     R = torch.randn(6, 3)
-    phi = transforms.fira_scaling(2 * R, R, side=0)
+    phi = fira_module.fira_scaling(2 * R, R, side=0)
     assert phi.shape == (6, 1) and torch.allclose(phi, torch.full((6, 1), 2.0), atol=1e-6)
     R = torch.randn(3, 7)
-    phi = transforms.fira_scaling(2 * R, R, side=1)
+    phi = fira_module.fira_scaling(2 * R, R, side=1)
     assert phi.shape == (1, 7) and torch.allclose(phi, torch.full((1, 7), 2.0), atol=1e-6)
-    assert transforms.fira_scaling(2 * R, R, side=1, per="matrix").shape == ()
+    assert fira_module.fira_scaling(2 * R, R, side=1, per="matrix").shape == ()
 
 
 def test_fira_limiter():
     S = torch.randn(8, 4)
-    out, prev = transforms.limit_norm_growth(S, torch.zeros(()), 1.01)  # first step: unlimited
+    out, prev = fira_module.limit_norm_growth(S, torch.zeros(()), 1.01)  # first step: unlimited
     assert torch.equal(out, S) and prev == S.norm()
-    out, new = transforms.limit_norm_growth(10 * S, prev, 1.01)  # 10x growth: capped at 1.01·prev
+    out, new = fira_module.limit_norm_growth(10 * S, prev, 1.01)  # 10x growth: capped at 1.01·prev
     torch.testing.assert_close(out.norm(), 1.01 * prev, rtol=1e-6, atol=0)
     torch.testing.assert_close(new, out.norm(), rtol=1e-6, atol=0)
-    out, _ = transforms.limit_norm_growth(0.5 * S, prev, 1.01)  # shrinking: no limit
+    out, _ = fira_module.limit_norm_growth(0.5 * S, prev, 1.01)  # shrinking: no limit
     assert torch.equal(out, 0.5 * S)
 
 

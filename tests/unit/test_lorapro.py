@@ -8,7 +8,7 @@ from torch import nn
 from memtrain import adapters
 from memtrain.adapters.lorapro import create_lorapro_optimizer, lorapro_state_bytes
 from memtrain.hf.metrics import optimizer_state_bytes
-from memtrain.optim.transforms import lorapro_adjust
+from memtrain.adapters.lorapro import lorapro_adjust
 
 from ..conftest import lm_batch, tiny_llama
 from .adapter_helpers import assert_merge_matches, assert_resume_exact, peft_tiny, train_steps

@@ -62,15 +62,26 @@ def test_build_optimizer_requires_lr_and_checks_options():
 
 
 def test_spec_rejects_lr_default_and_unknown_defaults():
-    cls = registry.get_spec("adamw").cls
+    base = registry.get_spec("adamw").cls
     with pytest.raises(ValueError, match="lr must come from"):
-        OptimizerSpec(name="x", cls=cls, description="x", defaults={"lr": 1e-3})
+        OptimizerSpec(type("X", (base,), {"name": "x", "description": "x", "presets": {"lr": 1e-3}}))
     with pytest.raises(ValueError, match="unknown options"):
-        OptimizerSpec(name="x", cls=cls, description="x", defaults={"rank": 4})
+        OptimizerSpec(type("X", (base,), {"name": "x", "description": "x", "presets": {"rank": 4}}))
+    with pytest.raises(ValueError, match="description"):
+        registry.register(type("X", (base,), {"name": "x", "description": ""}))
+    assert "x" not in registry.optimizer_names()
+
+
+def test_spec_reads_every_capability_from_the_class():
+    class Mine(registry.get_spec("adamw").cls):
+        name, description, stateless, fsdp2, presets = "mine", "d", True, False, {"eps": 1e-6}
+    spec = OptimizerSpec(Mine)
+    assert spec.capabilities() == {"stateless": True, "needs_matrix_shape": False, "fsdp2": False, "deepspeed": True}
+    assert dict(spec.defaults) == {"eps": 1e-6} and spec.owns == frozenset()
 
 
 def test_duplicate_registration_with_another_class_is_refused():
     class Other(torch.optim.SGD):
-        pass
+        name, description = "adamw", "x"
     with pytest.raises(ValueError, match="already registered"):
-        registry.register(OptimizerSpec(name="adamw", cls=Other, description="x"))
+        registry.register(Other)

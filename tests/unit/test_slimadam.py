@@ -11,7 +11,7 @@ from torch import nn
 import memtrain
 from memtrain.hf.metrics import optimizer_state_bytes
 from memtrain.optim.slimadam import choose_rule, rules_from_measurements
-from memtrain.optim.transforms import second_moment_snr
+from memtrain.optim.slimadam import second_moment_snr
 
 from ..conftest import lm_batch, tiny_llama
 

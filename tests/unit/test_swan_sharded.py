@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from memtrain.optim.sharding import unsharded
-from memtrain.optim import transforms
+from memtrain.optim import swan
 from memtrain.optim.swan import swan_direction
 
 from .thread_rows import ThreadRows, run_ranks
@@ -27,17 +27,17 @@ def sharded_direction(g, world=2, owner=0, **options):
         rows = ThreadRows(g.shape[0], rank, hub, owner)
         return swan_direction(rows.mine(g).clone(), rows, **options), rows
 
-    real_root = transforms.whitening_root
+    real_root = swan.whitening_root
 
     def spy(*args, **kwargs):
         solvers.append(SOLVED.rank)
         return real_root(*args, **kwargs)
 
-    transforms.whitening_root = spy
+    swan.whitening_root = spy
     try:
         out = run_ranks(world, rank_direction)
     finally:
-        transforms.whitening_root = real_root
+        swan.whitening_root = real_root
     return torch.cat([d for d, _ in out]), [r.comm for _, r in out], solvers, [r.broadcasts for _, r in out]
 
 
@@ -72,7 +72,7 @@ def test_two_row_blocks_equal_the_whole_matrix(make, shape, norm_dim):
         assert solvers == [owner]  # Z is computed once, on the matrix's owner rank ...
         assert torch.equal(broadcasts[0][0], broadcasts[1][0])  # ... and every rank applies the same bits
         m, n = shape
-        right = transforms.whitening_side(m, n, norm_dim)
+        right = swan.whitening_side(m, n, norm_dim)
         column_stats = 3 * n * 4 if norm_dim == 0 else 0  # mean, centred mean square, mean square: length n
         expected = ({"all_reduce": n * n * 4 + column_stats + 8, "broadcast": n * n * 4} if right else
                     {"all_reduce": column_stats + 8, "all_gather": m * n * 4, "broadcast": m * m * 4})

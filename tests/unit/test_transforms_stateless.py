@@ -7,15 +7,9 @@ independently of memtrain's code.
 import pytest
 import torch
 
-from memtrain.optim.transforms import (
-    adamw_scale_,
-    newton_schulz_inv_sqrt,
-    rms_normalize,
-    sinkhorn,
-    standardize,
-    unit_rms,
-    whiten,
-)
+from memtrain.optim.sinkgd import sinkhorn
+from memtrain.optim.swan import newton_schulz_inv_sqrt, standardize, unit_rms, whiten
+from memtrain.optim.transforms import SCALE, adam_, rms_normalize
 
 
 # -- the spec's test matrices (swan.md §10), fp32 on CPU ------------------------------------------------------
@@ -321,7 +315,7 @@ def test_adamw_scale_matches_the_written_out_formula():
     rp, rm, rv = p0.double(), torch.zeros(10, dtype=torch.float64), torch.zeros(10, dtype=torch.float64)
     lr, b1, b2, eps, wd = 2e-2, 0.9, 0.999, 1e-8, 0.1
     for t, g in enumerate(grads, 1):
-        adamw_scale_(p, g, m, v, step=t, lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd)
+        adam_(p, g, m, v, step=t, lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd, convention=SCALE)
         rm = b1 * rm + (1 - b1) * g.double()
         rv = b2 * rv + (1 - b2) * g.double() ** 2
         rp = rp * (1 - lr * wd)  # decay before the update
