@@ -4,8 +4,8 @@ Importing memtrain has no side effects; the HF classes load on first access so t
 usable with torch alone.
 """
 from .optim import build_optimizer, list_optimizers, optimizer_names, parse_optim_args
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = [
     "build_optimizer", "list_optimizers", "optimizer_names", "parse_optim_args",
     "TrainingArguments", "Trainer", "optimizer_factory", "__version__",

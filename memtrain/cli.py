@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         print(usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from . import __version__
+        from .version import __version__
 
         print(f"memtrain {__version__}")
         return 0

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from ..version import __version__
 from ..optim import registry
 from .factory import _optim_name, is_memtrain_optimizer, optimizer_factory, optimizer_kwargs_from_args
 
