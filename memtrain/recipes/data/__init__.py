@@ -27,12 +27,12 @@ from .corpus import EMBEDDED_DATASET, _corpus_dir, _extract_corpus, ensure_embed
 from .documents import Document, _unit_hash, load_documents, open_document_stream, split_documents
 from .packing import cut_blocks, tokenize_flat
 from .shards import TokenBlocks, is_shards_dir, prepare_data
-from .streaming import PackedStream, StreamStateCallback
+from .streaming import PackedStream, StreamStateCallback, attach_stream
 from .tokenizer import EOS_TOKEN, TOKENIZER_FORMAT_VERSION, get_tokenizer, tokenizer_fingerprint
 
 __all__ = [
     "AUTO_STREAMING_BYTES", "DATASET_FORMAT_VERSION", "Document", "EMBEDDED_DATASET", "EOS_TOKEN", "LMData",
-    "PackedStream", "StreamStateCallback", "TOKENIZER_FORMAT_VERSION", "TokenBlocks", "build_lm_data", "cut_blocks",
+    "PackedStream", "StreamStateCallback", "attach_stream", "TOKENIZER_FORMAT_VERSION", "TokenBlocks", "build_lm_data", "cut_blocks",
     "default_cache_dir", "ensure_embedded_corpus", "get_tokenizer", "is_shards_dir", "load_documents",
     "open_document_stream", "prepare_data", "resolve_streaming", "split_documents", "tokenize_flat",
     "tokenizer_fingerprint",

@@ -188,7 +188,10 @@ def _shards_data(path, tokenizer, seq_len, max_train_samples, max_eval_samples) 
         raise ValueError(f"--tokenizer {tokenizer} is not the tokenizer the shards in {path} were made with; drop "
                          "--tokenizer (the shards carry theirs) or re-run `memtrain prepare-data` with it")
     train = TokenBlocks(path, "train", seq_len, limit=max_train_samples)
-    eval_ = TokenBlocks(path, "eval", seq_len, limit=max_eval_samples)
+    held_out = TokenBlocks(path, "eval", seq_len, limit=max_eval_samples)
+    # The eval set is small and evaluated whole: hold it as a datasets.Dataset like the other modes.
+    blocks = held_out.tokens(0, len(held_out) * seq_len).reshape(-1, seq_len).tolist() if len(held_out) else []
+    eval_ = datasets.Dataset.from_dict({"input_ids": blocks, "labels": blocks}, features=packing._BLOCK_FEATURES)
     if len(train) == 0:
         raise ValueError(f"{path}: the train split has fewer than seq_len={seq_len} tokens")
     data = LMData(train=train, eval=eval_, tokenizer=tok, train_docs=index["splits"]["train"]["documents"],

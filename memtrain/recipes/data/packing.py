@@ -84,9 +84,9 @@ def _build_split(docs: list[Document], split: str, tokenizer, seq_len: int, out_
 
 def tokenize_flat(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], dtype=np.int64) -> np.ndarray:
     """The token ids of ``texts``, each followed by EOS, concatenated (what :func:`_tokenize_batch` produces)."""
-    ids = _tokenize_batch({"text": list(texts)}, tokenizer)["input_ids"]
-    if not ids:
+    if not texts:
         return np.zeros(0, dtype=dtype)
+    ids = _tokenize_batch({"text": list(texts)}, tokenizer)["input_ids"]
     return np.fromiter((t for x in ids for t in x), dtype=dtype, count=sum(map(len, ids)))
 
 
