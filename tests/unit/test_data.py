@@ -406,6 +406,12 @@ def test_hub_tokenizer_offline_error_names_id_cache_and_switch(hub_offline, no_n
         D.get_tokenizer("someone/no-such-tokenizer", [], 300)
     msg = str(exc.value)
     assert "'someone/no-such-tokenizer'" in msg and hub_constants.HF_HUB_CACHE in msg and "HF_HUB_OFFLINE" in msg
+    from memtrain.recipes.models import build_model  # fine-tuning's --model_name_or_path takes Hub ids the same way
+
+    with pytest.raises(OSError) as exc:
+        build_model("someone/no-such-model")
+    msg = str(exc.value)
+    assert "'someone/no-such-model'" in msg and hub_constants.HF_HUB_CACHE in msg and "offline mode is on" in msg
 
 
 def test_concurrent_first_use_trains_once(tmp_path):

@@ -102,8 +102,12 @@ def tokenizer_and_eval_head(documents: datasets.IterableDataset, held_out: datas
                     break
                 sample_skip, seen = sample_skip + 1, seen + len(row["text"].encode("utf-8"))
         head = documents.skip(sample_skip) if sample_skip else documents
-        tok = get_tokenizer(None, sample_texts((r["text"] for r in head if r["text"].strip()), sample_bytes),
-                            vocab_size, cache_dir)
+        sample = sample_texts((r["text"] for r in head if r["text"].strip()), sample_bytes)
+        if not sample:
+            raise ValueError(f"no text is left to train a tokenizer on after the {sample_skip} documents held out "
+                             f"for the eval head ({eval_tokens} tokens); lower --max_eval_samples, pass --tokenizer "
+                             "or --eval_split, or use a larger source")
+        tok = get_tokenizer(None, sample, vocab_size, cache_dir)
     else:
         tok = get_tokenizer(tokenizer, [], vocab_size, cache_dir)
     eval_flat, eval_docs = take_head(held_out if held_out is not None else documents, tok, eval_tokens)
