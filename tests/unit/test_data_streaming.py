@@ -238,3 +238,27 @@ def test_prepare_data_shards_round_trip(corpus, tok, tmp_path):
         D.TokenBlocks(tmp_path / "shards", "train", SEQ)
     with pytest.raises(FileExistsError):
         D.prepare_data(str(root / "docs.jsonl"), tmp_path / "shards", tokenizer=str(tmp_path / "tok"))
+
+
+def test_pretrain_job_reads_shards_and_streams_with_resume(corpus, tok, tmp_path):
+    """The pretrain job's flags reach the data: shards directory, and --streaming with a checkpoint and a resume."""
+    from memtrain.recipes.arguments import parse_args
+    from memtrain.recipes.pretrain import PRETRAIN_DEFAULTS, ModelDataArguments, run
+
+    root, _ = corpus
+    tok.save_pretrained(str(tmp_path / "tok"))
+    D.prepare_data(str(root / "docs.jsonl"), tmp_path / "shards", tokenizer=str(tmp_path / "tok"), eval_tokens=64)
+    common = ["--seq_len", str(SEQ), "--per_device_train_batch_size", "2", "--report_to", "none",
+              "--save_final_model", "false", "--logging_steps", "100", "--max_eval_samples", "3"]
+    report = run(*parse_args((ModelDataArguments, TrainingArguments), PRETRAIN_DEFAULTS, common + [
+        "--dataset", str(tmp_path / "shards"), "--max_steps", "2", "--output_dir", str(tmp_path / "a")]))
+    assert report["eval_tokens"] == 3 * (SEQ - 1)
+
+    stream = common + ["--dataset", str(root / "docs.jsonl"), "--streaming", "true", "--tokenizer",
+                       str(tmp_path / "tok"), "--stream_window_docs", "2", "--output_dir", str(tmp_path / "b"),
+                       "--save_strategy", "steps", "--save_steps", "2"]
+    run(*parse_args((ModelDataArguments, TrainingArguments), PRETRAIN_DEFAULTS, stream + ["--max_steps", "2"]))
+    assert (tmp_path / "b" / "checkpoint-2" / "stream_state-rank0.json").is_file()
+    report = run(*parse_args((ModelDataArguments, TrainingArguments), PRETRAIN_DEFAULTS, stream + [
+        "--max_steps", "3", "--resume_from_checkpoint", str(tmp_path / "b" / "checkpoint-2")]))
+    assert report["global_steps"] == 3 and report["train_tokens"] == 1 * 2 * SEQ  # only the step after the resume

@@ -95,7 +95,6 @@ def prepare_data(dataset: str, out_dir, *, tokenizer: str | None = None, vocab_s
     with at least ``eval_tokens`` tokens, which the train split then skips. ``max_train_tokens`` stops early.
     """
     from .streaming import tokenizer_and_eval_head
-    from .tokenizer import tokenizer_fingerprint
 
     out_dir = pathlib.Path(out_dir).expanduser()
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -109,27 +108,14 @@ def prepare_data(dataset: str, out_dir, *, tokenizer: str | None = None, vocab_s
     staging = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    evals = _SplitWriter(staging, "eval", dtype, shard_tokens)
-    evals.write(eval_flat, head_docs)
-    train = _SplitWriter(staging, "train", dtype, shard_tokens)
-    written = 0
-    for batch in (documents.skip(skip) if skip else documents).iter(batch_size=batch_docs):
-        texts = [t for t in batch["text"] if t.strip()]
-        flat = tokenize_flat(tok, texts)
-        if max_train_tokens is not None:
-            flat = flat[: max_train_tokens - written]
-        train.write(flat, len(batch["text"]))
-        written += len(flat)
-        if max_train_tokens is not None and written >= max_train_tokens:
-            break
-    tok.save_pretrained(str(staging / "tokenizer"))
-    index = {
-        "format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype.name, "eos_token_id": tok.eos_token_id,
-        "vocab_size": len(tok), "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-        "source": {"dataset": dataset, "text_column": text_column, "split": split, "eval_split": eval_split,
-                   "eval_head_documents": 0 if eval_split else head_docs},
-        "splits": {"train": train.close(), "eval": evals.close()},
-    }
+    try:
+        index = _write_shards(staging, documents, skip, tok, eval_flat, head_docs, dtype, shard_tokens, batch_docs,
+                              max_train_tokens)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed or interrupted run leaves nothing behind
+        raise
+    index["source"] = {"dataset": dataset, "text_column": text_column, "split": split, "eval_split": eval_split,
+                       "eval_head_documents": 0 if eval_split else head_docs}
     (staging / INDEX).write_text(json.dumps(index, indent=1))  # written last: a directory with it is complete
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     if out_dir.exists():
@@ -138,6 +124,28 @@ def prepare_data(dataset: str, out_dir, *, tokenizer: str | None = None, vocab_s
     logger.info("wrote %s: train %d tokens, eval %d tokens, %s", out_dir, index["splits"]["train"]["tokens"],
                 index["splits"]["eval"]["tokens"], dtype.name)
     return index
+
+
+def _write_shards(staging, documents, skip, tok, eval_flat, head_docs, dtype, shard_tokens, batch_docs,
+                  max_train_tokens) -> dict:
+    from .tokenizer import tokenizer_fingerprint
+
+    evals = _SplitWriter(staging, "eval", dtype, shard_tokens)
+    evals.write(eval_flat, head_docs)
+    train = _SplitWriter(staging, "train", dtype, shard_tokens)
+    written = 0
+    for batch in (documents.skip(skip) if skip else documents).iter(batch_size=batch_docs):
+        flat = tokenize_flat(tok, [t for t in batch["text"] if t.strip()])
+        if max_train_tokens is not None:
+            flat = flat[: max_train_tokens - written]
+        train.write(flat, len(batch["text"]))
+        written += len(flat)
+        if max_train_tokens is not None and written >= max_train_tokens:
+            break
+    tok.save_pretrained(str(staging / "tokenizer"))
+    return {"format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype.name, "eos_token_id": tok.eos_token_id,
+            "vocab_size": len(tok), "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+            "splits": {"train": train.close(), "eval": evals.close()}}
 
 
 def load_index(path) -> dict:
