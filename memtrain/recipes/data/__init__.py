@@ -9,6 +9,7 @@ One module per job:
 - :mod:`.tokenizer`  a given tokenizer, or a byte-level BPE trained on the data (cached)
 - :mod:`.packing`    tokenize and pack into blocks (EOS between documents, no padding)
 - :mod:`.streaming`  blocks packed on the fly, split across ranks and workers, resumable
+- :mod:`.resume`     the Trainer callback that checkpoints a stream's position, and the resume (imported lazily)
 - :mod:`.shards`     ``memtrain prepare-data``: memory-mapped token shards and the dataset that reads them
 - :mod:`.build`      :func:`build_lm_data`, which picks in memory, stream or shards
 
@@ -27,7 +28,7 @@ from .corpus import EMBEDDED_DATASET, _corpus_dir, _extract_corpus, ensure_embed
 from .documents import Document, _unit_hash, load_documents, open_document_stream, split_documents
 from .packing import cut_blocks, tokenize_flat
 from .shards import TokenBlocks, is_shards_dir, prepare_data
-from .streaming import PackedStream, StreamStateCallback, attach_stream
+from .streaming import PackedStream
 from .tokenizer import EOS_TOKEN, TOKENIZER_FORMAT_VERSION, get_tokenizer, tokenizer_fingerprint
 
 __all__ = [
@@ -37,3 +38,13 @@ __all__ = [
     "open_document_stream", "prepare_data", "resolve_streaming", "split_documents", "tokenize_flat",
     "tokenizer_fingerprint",
 ]
+
+
+def __getattr__(name):
+    # The Trainer stack is heavy to import and only a training run needs it.
+    if name in ("StreamStateCallback", "attach_stream", "resume"):
+        import importlib
+
+        resume = importlib.import_module(f"{__name__}.resume")
+        return resume if name == "resume" else getattr(resume, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,7 @@ single-process stream. The stream repeats epoch after epoch forever; ``max_steps
 
 **Resuming.** The HF DataLoader takes batches from its workers round-robin, so after ``B`` batches on a rank,
 worker ``w`` has delivered exactly ``ceil((B - w) / W)`` batches. Each worker logs, in a small shared-memory ledger,
-at which block count each of its windows started; at a checkpoint, :class:`StreamStateCallback` turns the
+at which block count each of its windows started; at a checkpoint, :class:`.resume.StreamStateCallback` turns the
 delivered counts into (epoch, window, offset) positions and writes them into the checkpoint directory. A resumed
 run reads them back (:meth:`PackedStream.load_state`) and each consumer skips documents without tokenizing them
 up to its window, then drops ``offset`` blocks: the first batch after resuming is bit-equal to the batch the
@@ -31,7 +31,7 @@ from typing import Iterator
 import datasets
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerFast, TrainerCallback
+from transformers import PreTrainedTokenizerFast
 
 from .packing import cut_blocks, tokenize_flat
 
@@ -239,7 +239,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         return path
 
     def load_state(self, checkpoint_dir, batch_size: int, num_workers: int) -> None:
-        """Continue from the position saved in ``checkpoint_dir`` (by :class:`StreamStateCallback`)."""
+        """Continue from the position saved in ``checkpoint_dir`` (by :class:`.resume.StreamStateCallback`)."""
         rank, world = self._rank_world()
         path = _state_file(checkpoint_dir, rank)
         if not path.is_file():
@@ -262,35 +262,3 @@ class PackedStream(torch.utils.data.IterableDataset):
         if num_batches != self._resumed_batches:
             raise RuntimeError(f"the Trainer resumes after {num_batches} batches but the stream was positioned "
                                f"after {self._resumed_batches}; call load_state(checkpoint) before train()")
-
-
-class StreamStateCallback(TrainerCallback):
-    """Writes the stream position of this rank into every checkpoint (``stream_state-rank<r>.json``)."""
-
-    def __init__(self, stream: PackedStream):
-        self.stream = stream
-
-    def on_save(self, args, state, control, **kwargs):
-        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        self.stream.save_state(checkpoint, consumed_batches=state.global_step * args.gradient_accumulation_steps,
-                               batch_size=args.per_device_train_batch_size, num_workers=args.dataloader_num_workers)
-
-
-def attach_stream(trainer, stream: PackedStream, resume_from_checkpoint=None) -> None:
-    """Make ``trainer`` checkpoint the stream position and, when it resumes, continue the stream from there.
-
-    ``resume_from_checkpoint`` defaults to ``trainer.args.resume_from_checkpoint`` (a path, or True for the last
-    checkpoint in ``output_dir``). With ``--ignore_data_skip`` the stream restarts from its beginning, as HF does.
-    """
-    from transformers.trainer_utils import get_last_checkpoint
-
-    args = trainer.args
-    trainer.add_callback(StreamStateCallback(stream))
-    checkpoint = resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint
-    if checkpoint is True or (isinstance(checkpoint, str) and checkpoint.lower() == "true"):
-        checkpoint = get_last_checkpoint(args.output_dir)
-        if checkpoint is None:
-            raise ValueError(f"--resume_from_checkpoint: no checkpoint found in {args.output_dir}")
-    if checkpoint and not args.ignore_data_skip:
-        stream.load_state(checkpoint, batch_size=args.per_device_train_batch_size,
-                          num_workers=args.dataloader_num_workers)
