@@ -47,7 +47,7 @@ _BLOCK_FEATURES = datasets.Features(
 )
 
 
-def _build_split(docs: list[Document], split: str, tokenizer, seq_len: int, out_dir: pathlib.Path, key: str, num_proc):
+def _build_split(docs: list[tuple[str, str]], split: str, tokenizer, seq_len: int, out_dir: pathlib.Path, key: str, num_proc):
     """docs -> tokenized (cached) -> packed blocks (cached). Files: out_dir/<split>-*.arrow.
 
     ``key`` identifies the documents and the tokenizer; seq_len only enters the name of
