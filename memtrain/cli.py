@@ -2,6 +2,7 @@
 
     memtrain pretrain [config.yaml] [--flags]     pretrain a model (memtrain/recipes/pretrain.py)
     memtrain finetune [config.yaml] [--flags]     fine-tune with an adapter or fully (memtrain/recipes/finetune.py)
+    memtrain prepare-data DATASET --output_dir D  token shards for pretraining (memtrain/recipes/data/shards.py)
     memtrain bench [engines|layerwise] [...]      benchmarks (memtrain/bench/)
     memtrain list [NAME]                          registered optimizers, or one optimizer's options
     memtrain slimadam-rules --output FILE         derive SlimAdam compression rules
@@ -18,7 +19,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("memtrain.recipes.pretrain", "main", "pretrain a model from a named config with any optimizer"),
     "finetune": ("memtrain.recipes.finetune", "main", "fine-tune a saved model with a LoRA adapter or fully"),
-    "bench": ("memtrain.bench", "main", "benchmarks: optimizers (default), engines, layerwise"),
+    "prepare-data": ("memtrain.recipes.data.shards", "main", "tokenize a corpus once into memory-mapped token shards"),
+    "bench": ("memtrain.bench", "main", "benchmarks: optimizers (default), engines, layerwise, data"),
     "list": ("memtrain.optim.registry", "list_main", "list the registered optimizers, or one optimizer's options"),
     "slimadam-rules": ("memtrain.recipes.slimadam_rules", "main", "derive SlimAdam compression rules"),
 }

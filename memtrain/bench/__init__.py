@@ -1,14 +1,15 @@
 """Benchmarks: each runs memtrain's jobs in subprocesses and tabulates their reports.
 
 ``memtrain bench [...]`` is the optimizer comparison (:mod:`.optimizers`); ``memtrain bench engines`` the optimizer ×
-engine table (:mod:`.engines`); ``memtrain bench layerwise`` what layer-wise release saves (:mod:`.layerwise`). The
-fine-tuning benchmark is ``memtrain finetune --benchmark ...`` (:mod:`.finetune`).
+engine table (:mod:`.engines`); ``memtrain bench layerwise`` what layer-wise release saves (:mod:`.layerwise`);
+``memtrain bench data`` the data pipeline's throughput and memory (:mod:`.data`). The fine-tuning benchmark is ``memtrain finetune --benchmark ...`` (:mod:`.finetune`).
 """
 from __future__ import annotations
 
 import importlib
 
-SUBCOMMANDS = {"engines": "memtrain.bench.engines", "layerwise": "memtrain.bench.layerwise"}
+SUBCOMMANDS = {"engines": "memtrain.bench.engines", "layerwise": "memtrain.bench.layerwise",
+               "data": "memtrain.bench.data"}
 
 
 def main(argv=None):

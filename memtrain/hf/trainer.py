@@ -202,6 +202,27 @@ class Trainer(transformers.Trainer):
         with ckpt.loading(checkpoint, ckpt.rng_file(checkpoint, self.args).name, "fresh RNG streams"):
             super()._load_rng_state(checkpoint)
 
+    def get_train_dataloader(self) -> DataLoader:
+        """A dataset that splits itself across ranks (memtrain's streams, memtrain/recipes/data/streaming.py) gets a
+        plain per-rank DataLoader: accelerate would otherwise shard it a second time (IterableDatasetShard) or read
+        it on rank 0 only and broadcast (dispatch_batches). Batches go to the device in ``_prepare_inputs``."""
+        dataset = self.train_dataset
+        if not getattr(dataset, "splits_across_ranks", False):
+            return super().get_train_dataloader()
+        workers = self.args.dataloader_num_workers
+        return DataLoader(dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
+                          num_workers=workers, pin_memory=self.args.dataloader_pin_memory,
+                          persistent_workers=self.args.dataloader_persistent_workers and workers > 0,
+                          prefetch_factor=self.args.dataloader_prefetch_factor if workers > 0 else None)
+
+    def get_resumed_dataloader(self, dataloader: DataLoader, num_batches: int) -> DataLoader:
+        """A dataset that resumes itself from its checkpointed position must not be replayed batch by batch."""
+        dataset = getattr(dataloader, "dataset", None)
+        if getattr(dataset, "resumes_itself", False):
+            dataset.check_resumed(num_batches)
+            return dataloader
+        return super().get_resumed_dataloader(dataloader, num_batches)
+
     def _eval_loader(self, dataset) -> DataLoader:
         """Each rank takes every world_size-th example, with no padding or repeats, so the summed token counts
         cover the eval set exactly once whatever the number of ranks."""

@@ -35,17 +35,33 @@ class ModelDataArguments:
         "help": "Dtype of the model weights: float32, or bfloat16/float16 for pure low-precision training "
                 "(optimizer math and states stay fp32).", "choices": list(DTYPES)})
     dataset: str = field(default=data_lib.EMBEDDED_DATASET, metadata={
-        "help": "'shakespeare' (embedded default corpus), a local .txt/.jsonl file or directory, a directory "
-                "saved with datasets' save_to_disk, or a dataset in the local HF cache."})
-    text_column: str = field(default="text", metadata={"help": "Text field of .jsonl / datasets inputs."})
+        "help": "'shakespeare' (embedded default corpus), a local .txt/.jsonl/.parquet file or directory, a "
+                "directory saved with datasets' save_to_disk, a directory of token shards written by `memtrain "
+                "prepare-data`, or a Hugging Face Hub dataset NAME[:CONFIG] (online: downloaded or streamed; "
+                "offline, HF_DATASETS_OFFLINE/HF_HUB_OFFLINE: from the local cache). See docs/data.md."})
+    text_column: str = field(default="text", metadata={"help": "Text field of .jsonl / parquet / datasets inputs."})
     tokenizer: str | None = field(default=None, metadata={
-        "help": "Directory of a saved tokenizer. Default: train a byte-level BPE on the training split (cached)."})
+        "help": "A saved tokenizer directory or a Hub model id. Default: train a byte-level BPE on the training "
+                "split (streaming: on the first --tokenizer_sample_bytes of it), cached."})
+    streaming: str = field(default="auto", metadata={
+        "help": "Stream the corpus (tokenize and pack on the fly, split across ranks and workers, resumable): "
+                "true, false, or auto = stream local sources over 1 GiB and Hub datasets while online.",
+        "choices": ["auto", "true", "false"]})
+    eval_split: str | None = field(default=None, metadata={
+        "help": "Streaming: the source split for eval (e.g. validation). Default: the stream's head is held out."})
+    stream_window_docs: int = field(default=256, metadata={
+        "help": "Streaming: documents packed together; the unit split across ranks and dataloader workers."})
+    stream_shuffle_buffer: int = field(default=10_000, metadata={
+        "help": "Streaming: documents in the seeded shuffle buffer (0: source order)."})
+    tokenizer_sample_bytes: int = field(default=64 << 20, metadata={
+        "help": "Streaming: bytes of the stream's head a trained tokenizer learns from."})
     vocab_size: int | None = field(default=None, metadata={
         "help": "Vocabulary of the trained tokenizer. Default: the model config's vocab_size."})
     seq_len: int = field(default=128, metadata={"help": "Tokens per training/eval block."})
     val_fraction: float = field(default=0.05, metadata={"help": "Fraction of documents held out for eval."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training blocks."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval blocks."})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "Use only the first N eval blocks (streaming: the eval set's size, default 64)."})
     save_final_model: bool = field(default=True, metadata={
         "help": "Save the trained model and its tokenizer to output_dir (for memtrain finetune)."})
     list_optimizers: bool = field(default=False, metadata={"help": "Print the registered optimizers and exit."})
@@ -83,7 +99,10 @@ def run(margs: ModelDataArguments, args: TrainingArguments) -> dict:
         lm = data_lib.build_lm_data(
             margs.dataset, tokenizer=margs.tokenizer, seq_len=margs.seq_len, vocab_size=vocab_size,
             val_fraction=margs.val_fraction, max_train_samples=margs.max_train_samples,
-            max_eval_samples=margs.max_eval_samples, text_column=margs.text_column,
+            max_eval_samples=margs.max_eval_samples, text_column=margs.text_column, streaming=margs.streaming,
+            seed=args.seed, eval_split=margs.eval_split, window_docs=margs.stream_window_docs,
+            shuffle_buffer=margs.stream_shuffle_buffer, tokenizer_sample_bytes=margs.tokenizer_sample_bytes,
+            rank=args.process_index, world_size=args.world_size,
         )
     logger.info("data: %s", lm.summary())
     tok = lm.tokenizer
@@ -96,6 +115,8 @@ def run(margs: ModelDataArguments, args: TrainingArguments) -> dict:
     )
     trainer = Trainer(model=model, args=args, train_dataset=lm.train, eval_dataset=lm.eval,
                       data_collator=default_data_collator, processing_class=tok)
+    if lm.mode == "stream":
+        data_lib.attach_stream(trainer, lm.train)
     try:
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     except FinalEvalError:

