@@ -49,6 +49,10 @@ def pytest_configure(config):
     os.environ.setdefault("PIP_CACHE_DIR", _pip_cache_dir())
     for variable, sub in CACHE_VARIABLES.items():
         os.environ[variable] = str(Path(root) / sub)
+    # Tests never reach a Hub (our machines cannot; nor should a user's test run): the Hub libraries' own switches.
+    # Tests of online behaviour unset them with monkeypatch.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
 def pytest_unconfigure(config):

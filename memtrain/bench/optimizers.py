@@ -161,7 +161,10 @@ def validate(preset: Preset) -> Preset:
     from ..recipes.models import get_model_config
 
     where = preset.source or "benchmark"
-    get_model_config(preset.model)  # unknown model: the error lists the named ones
+    try:
+        get_model_config(preset.model)  # unknown model: the error lists the named ones
+    except OSError as e:  # neither a named config, a path nor a Hub id that can be loaded
+        raise ValueError(f"{where}: model: {e}") from None
     if not preset.candidates:
         raise ValueError(f"{where}: no optimizers to run")
     if not preset.seeds or len(set(preset.seeds)) != len(preset.seeds) or not all(

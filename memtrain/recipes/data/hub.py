@@ -37,7 +37,7 @@ def _unreachable(kind: str, name: str, cache: str, offline: bool, switch: str, a
     else:
         mode = (f"online, the Hub did not serve it (no such id, no access, or no network) and the local cache "
                 f"{cache} does not hold it")
-        fix = f"check the id, log in for gated repos, or set {switch}=1 to use the cache only"
+        fix = f"check the id, log in for gated repos, or set {switch} to use the cache only"
     return f"{kind} {name!r} is not a local path and could not be loaded as a Hugging Face Hub id: {mode}. " \
            f"Fix: {fix}. Accepted: {accepted}. Loader said: {type(err).__name__}: {err}"
 
