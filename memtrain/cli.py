@@ -5,6 +5,7 @@
     memtrain prepare-data DATASET --output_dir D  token shards for pretraining (memtrain/recipes/data/shards.py)
     memtrain bench [engines|layerwise] [...]      benchmarks (memtrain/bench/)
     memtrain list [NAME]                          registered optimizers, or one optimizer's options
+    memtrain engines [NAME]                       the engines' accelerate config files (or one's path)
     memtrain slimadam-rules --output FILE         derive SlimAdam compression rules
 
 ``python -m memtrain ...`` and ``accelerate launch -m memtrain pretrain ...`` run the same code. Each subcommand
@@ -21,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "finetune": ("memtrain.recipes.finetune", "main", "fine-tune a saved model with a LoRA adapter or fully"),
     "prepare-data": ("memtrain.recipes.data.shards", "main", "tokenize a corpus once into memory-mapped token shards"),
     "bench": ("memtrain.bench", "main", "benchmarks: optimizers (default), engines, layerwise, data"),
+    "engines": ("memtrain.configs", "engines_main", "the accelerate configs of the engines (ddp, fsdp2, zero1-3, ...)"),
     "list": ("memtrain.optim.registry", "list_main", "list the registered optimizers, or one optimizer's options"),
     "slimadam-rules": ("memtrain.recipes.slimadam_rules", "main", "derive SlimAdam compression rules"),
 }

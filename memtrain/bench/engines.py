@@ -23,7 +23,7 @@ from ..recipes.models import build_model
 from ..optim.registry import optimizer_names
 
 ENGINES = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
-WORLD = 2  # num_processes in configs/accelerate/*.yaml
+WORLD = 2  # num_processes in the engines' accelerate configs (memtrain/configs/accelerate)
 
 
 def _cell(report: dict, reference: dict, baseline: dict | None) -> dict:

@@ -34,7 +34,7 @@ def measure(model_name: str, optim: str, layerwise: bool, steps: int, batch: int
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(model_name).to(device)
-    if fsdp2:  # as configs/accelerate/fsdp2.yaml: each decoder layer is an FSDP unit, the root another
+    if fsdp2:  # as the fsdp2 engine config: each decoder layer is an FSDP unit, the root another
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard

@@ -28,3 +28,15 @@ def accelerate_config(engine: str) -> Path:
         raise ValueError(f"unknown engine {engine!r}: use one of {', '.join(engine_names())} or an accelerate "
                          "config file")
     return config
+
+
+def engines_main(argv=None) -> int:
+    """``memtrain engines [NAME]``: every engine with its accelerate config file, or the path of one, for
+    ``accelerate launch --config_file "$(memtrain engines fsdp2)" -m memtrain pretrain ...``."""
+    names = list(argv or [])
+    if names:
+        print("\n".join(str(accelerate_config(n)) for n in names))
+    else:
+        width = max(map(len, engine_names()))
+        print("\n".join(f"{n:<{width}}  {ACCELERATE / (n + '.yaml')}" for n in engine_names()))
+    return 0

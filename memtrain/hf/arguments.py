@@ -89,12 +89,12 @@ class TrainingArguments(transformers.TrainingArguments):
         if engines.deepspeed_requested(self):
             raise ValueError("layer-wise release does not support DeepSpeed ZeRO: ZeRO reduces the gradients into "
                              "its own flat buffers and hands the optimizer flat partitions, so no per-parameter hook "
-                             "sees a final gradient. Use FSDP2 (configs/accelerate/fsdp2.yaml), DDP or a single "
+                             "sees a final gradient. Use FSDP2 (engine fsdp2: memtrain engines), DDP or a single "
                              "process, or turn layerwise off")
         if engines.fsdp_version(self) == 1:
             raise ValueError("layer-wise release does not support FSDP1: FSDP1 reduce-scatters one flat gradient that "
                              "mixes parameters and stores it outside autograd, so no per-parameter hook sees a final "
-                             "gradient. Use FSDP2 (fsdp_version 2, configs/accelerate/fsdp2.yaml), DDP or a single "
+                             "gradient. Use FSDP2 (fsdp_version 2, engine fsdp2: memtrain engines), DDP or a single "
                              "process, or turn layerwise off")
         ckpt_kwargs = self.gradient_checkpointing_kwargs
         if self.gradient_checkpointing and isinstance(ckpt_kwargs, dict) and ckpt_kwargs.get("use_reentrant"):

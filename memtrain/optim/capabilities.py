@@ -38,8 +38,8 @@ def engine_refusal(engine: str, subject: str, *, needs_matrix_shape: bool = Fals
         why = "is not verified exact on FSDP2-sharded weights yet"
     else:
         return None
-    use = ("FSDP2 (fully_shard) or DDP (configs/accelerate/fsdp2.yaml, ddp.yaml)" if fsdp2
-           else "DDP (configs/accelerate/ddp.yaml)")
+    use = ("FSDP2 (fully_shard) or DDP (engines fsdp2, ddp: memtrain engines)" if fsdp2
+           else "DDP (engine ddp: memtrain engines)")
     return f"{subject} {why}; use {use}, or {alternative}."
 
 

@@ -11,10 +11,39 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 import yaml
 import transformers
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
+
+#: The TrainingArguments defaults both jobs start from: a few minutes on a 2-core CPU. Each job adds its own; flags and
+#: config files override them.
+JOB_DEFAULTS = {
+    "optim": "adamw",
+    "learning_rate": 1e-3,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 32,
+    "logging_steps": 25,
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "seed": 42,
+    "use_cpu": not torch.cuda.is_available(),
+}
+
+
+@dataclasses.dataclass
+class BlockArguments:
+    """How both jobs turn text into fixed-length training and eval blocks."""
+
+    text_column: str = dataclasses.field(default="text", metadata={
+        "help": "Text field of .jsonl / parquet / datasets inputs."})
+    seq_len: int = dataclasses.field(default=128, metadata={"help": "Tokens per training/eval block."})
+    val_fraction: float = dataclasses.field(default=0.05, metadata={"help": "Fraction of documents held out for eval."})
+    max_train_samples: int | None = dataclasses.field(default=None, metadata={
+        "help": "Use only the first N training blocks."})
+    max_eval_samples: int | None = dataclasses.field(default=None, metadata={
+        "help": "Use only the first N eval blocks (with --streaming: the eval set's size, default 64)."})
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -162,3 +191,24 @@ def check_tokenizer_dir(directory: str, flag: str) -> None:
         raise ValueError(f"{flag} {directory!r} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, …); pass "
                          "--tokenizer DIR with the tokenizer the model was trained with (memtrain pretrain saves it "
                          "next to the model)")
+
+
+def run_job(job, argument_types: Sequence[type], defaults: dict[str, Any], argv: Sequence[str] | None = None):
+    """What ``memtrain pretrain`` and ``memtrain finetune`` do around their job: ``--list-optimizers`` (any spelling,
+    also in a config file) prints the optimizers instead of training; the CPU engine shim; parse flags and config
+    file into ``argument_types``; ``job(job_args, training_args, argv)``; end the process group."""
+    from ..hf.engines import enable_cpu_engines, end_process_group
+    from ..optim import format_optimizers
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_list_optimizers(argv):
+        print(format_optimizers())
+        return None
+    enable_cpu_engines()  # CPU: make accelerate's FSDP/DeepSpeed configs real (memtrain/hf/engines.py)
+    job_args, args = parse_args(argument_types, defaults, argv)
+    if job_args.list_optimizers:  # set in a config file
+        print(format_optimizers())
+        return None
+    result = job(job_args, args, argv)
+    end_process_group()  # on success only: after an error on one rank, a barrier would wait for the others
+    return result

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,10 +19,10 @@ import transformers
 from transformers import default_data_collator
 
 from .. import adapters
-from ..hf.engines import enable_cpu_engines, end_process_group, trainer_engine
-from ..optim import format_optimizers
+from ..hf.engines import trainer_engine
 from . import data as data_lib
-from .arguments import check_output_dir, check_run_arguments, check_tokenizer_dir, parse_args, wants_list_optimizers
+from .arguments import (JOB_DEFAULTS, BlockArguments, check_output_dir, check_run_arguments, check_tokenizer_dir,
+                        run_job)
 from ..hf import Trainer, TrainingArguments, optimizer_kwargs_from_args
 from ..hf.factory import _optim_name
 from ..hf.report import write_json
@@ -39,7 +38,7 @@ RUN_CONFIG = "memtrain_adapter.json"  # adapter name and method options (LoraCon
 
 
 @dataclass
-class FinetuneArguments:
+class FinetuneArguments(BlockArguments):
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "Directory of a local causal LM saved with save_pretrained (e.g. by memtrain pretrain)."})
     adapter: str = field(default="lora", metadata={
@@ -62,13 +61,8 @@ class FinetuneArguments:
                                                            "choices": list(DTYPES)})
     dataset: str = field(default=data_lib.EMBEDDED_DATASET, metadata={
         "help": "A local .txt/.jsonl file or directory, a saved datasets directory, or 'shakespeare'."})
-    text_column: str = field(default="text", metadata={"help": "Text field of .jsonl / datasets inputs."})
     tokenizer: str | None = field(default=None, metadata={
         "help": "Directory of the tokenizer. Default: the model's directory."})
-    seq_len: int = field(default=128, metadata={"help": "Tokens per training/eval block."})
-    val_fraction: float = field(default=0.05, metadata={"help": "Fraction of documents held out for eval."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training blocks."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval blocks."})
     eval_before_training: bool = field(default=True, metadata={
         "help": "Evaluate before fine-tuning too (report: eval_perplexity_before)."})
     benchmark: list[str] = field(default_factory=list, metadata={
@@ -80,19 +74,11 @@ class FinetuneArguments:
 
 
 FINETUNE_DEFAULTS = {
+    **JOB_DEFAULTS,
     "output_dir": "out/finetune",
-    "optim": "adamw",
-    "learning_rate": 1e-3,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0.05,
     "max_steps": 200,
-    "per_device_train_batch_size": 16,
-    "per_device_eval_batch_size": 32,
-    "logging_steps": 25,
-    "save_strategy": "no",
-    "eval_strategy": "no",
-    "seed": 42,
-    "use_cpu": not torch.cuda.is_available(),
     "report_to": "none",
 }
 
@@ -216,20 +202,11 @@ def load_finetuned(model_dir: str, adapter_dir: str, dtype=torch.float32):
 
 def main(argv=None) -> dict | list | None:
     """``memtrain finetune`` (and ``scripts/finetune.py``); with ``--benchmark`` entries, the fine-tuning benchmark."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if wants_list_optimizers(argv):
-        print(format_optimizers())
-        return None
-    enable_cpu_engines()  # CPU: make accelerate's FSDP/DeepSpeed configs real (memtrain/hf/engines.py)
-    fargs, args = parse_args((FinetuneArguments, TrainingArguments), FINETUNE_DEFAULTS, argv)
-    if fargs.list_optimizers:  # set in a config file
-        print(format_optimizers())
-        return None
-    if fargs.benchmark:
-        from ..bench.finetune import benchmark
+    def job(fargs, args, argv):
+        if fargs.benchmark:
+            from ..bench.finetune import benchmark
 
-        result = benchmark(fargs, args, argv)
-    else:
-        result = run(fargs, args)
-    end_process_group()  # on success only: after an error on one rank, a barrier would wait for the others
-    return result
+            return benchmark(fargs, args, argv)
+        return run(fargs, args)
+
+    return run_job(job, (FinetuneArguments, TrainingArguments), FINETUNE_DEFAULTS, argv)

@@ -5,7 +5,6 @@ with the run report (optimizer-state bytes, peak memory, tokens/s, token-weighte
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -13,10 +12,8 @@ import transformers
 from transformers import default_data_collator
 from transformers.integrations import is_tensorboard_available
 
-from ..hf.engines import enable_cpu_engines, end_process_group
-from ..optim import format_optimizers
 from . import data as data_lib
-from .arguments import check_output_dir, check_run_arguments, parse_args, wants_list_optimizers
+from .arguments import JOB_DEFAULTS, BlockArguments, check_output_dir, check_run_arguments, run_job
 from ..hf import Trainer, TrainingArguments
 from ..hf.trainer import FinalEvalError
 from .models import DEFAULT_MODEL, build_model, get_model_config
@@ -27,7 +24,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 @dataclass
-class ModelDataArguments:
+class ModelDataArguments(BlockArguments):
     model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "Named config (llama-tiny, llama-20m, llama-60m, llama-130m, llama-350m, llama-1b, llama-7b), a "
                 "config .json, or a directory saved with save_pretrained."})
@@ -39,7 +36,6 @@ class ModelDataArguments:
                 "directory saved with datasets' save_to_disk, a directory of token shards written by `memtrain "
                 "prepare-data`, or a Hugging Face Hub dataset NAME[:CONFIG] (online: downloaded or streamed; "
                 "offline, HF_DATASETS_OFFLINE/HF_HUB_OFFLINE: from the local cache). See docs/data.md."})
-    text_column: str = field(default="text", metadata={"help": "Text field of .jsonl / parquet / datasets inputs."})
     tokenizer: str | None = field(default=None, metadata={
         "help": "A saved tokenizer directory or a Hub model id. Default: train a byte-level BPE on the training "
                 "split (streaming: on the first --tokenizer_sample_bytes of it), cached."})
@@ -57,11 +53,6 @@ class ModelDataArguments:
         "help": "Streaming: bytes of the stream's head a trained tokenizer learns from."})
     vocab_size: int | None = field(default=None, metadata={
         "help": "Vocabulary of the trained tokenizer. Default: the model config's vocab_size."})
-    seq_len: int = field(default=128, metadata={"help": "Tokens per training/eval block."})
-    val_fraction: float = field(default=0.05, metadata={"help": "Fraction of documents held out for eval."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training blocks."})
-    max_eval_samples: int | None = field(default=None, metadata={
-        "help": "Use only the first N eval blocks (streaming: the eval set's size, default 64)."})
     save_final_model: bool = field(default=True, metadata={
         "help": "Save the trained model and its tokenizer to output_dir (for memtrain finetune)."})
     list_optimizers: bool = field(default=False, metadata={"help": "Print the registered optimizers and exit."})
@@ -69,20 +60,12 @@ class ModelDataArguments:
 
 # The main job's defaults: a few minutes on a 2-core CPU. Flags and config files override them.
 PRETRAIN_DEFAULTS = {
+    **JOB_DEFAULTS,
     "output_dir": "out/pretrain",
-    "optim": "adamw",
-    "learning_rate": 1e-3,
     "lr_scheduler_type": "cosine_with_min_lr",
-    "lr_scheduler_kwargs": {"min_lr_rate": 0.1},  # cosine to 10% of the peak (benchmark.md §2)
+    "lr_scheduler_kwargs": {"min_lr_rate": 0.1},  # cosine to 10% of the peak (docs/benchmarks/README.md)
     "warmup_steps": 0.1,  # a float below 1 is a fraction of the steps
     "max_steps": 400,
-    "per_device_train_batch_size": 16,
-    "per_device_eval_batch_size": 32,
-    "logging_steps": 25,
-    "save_strategy": "no",
-    "eval_strategy": "no",
-    "seed": 42,
-    "use_cpu": not torch.cuda.is_available(),
     "report_to": "tensorboard" if is_tensorboard_available() else "none",
 }
 
@@ -130,15 +113,5 @@ def run(margs: ModelDataArguments, args: TrainingArguments) -> dict:
 
 def main(argv=None) -> dict | None:
     """``memtrain pretrain`` (and ``scripts/pretrain.py``): parse flags and config file, train, report."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if wants_list_optimizers(argv):
-        print(format_optimizers())
-        return None
-    enable_cpu_engines()  # CPU: make accelerate's FSDP/DeepSpeed configs real (memtrain/hf/engines.py)
-    margs, args = parse_args((ModelDataArguments, TrainingArguments), PRETRAIN_DEFAULTS, argv)
-    if margs.list_optimizers:  # set in a config file
-        print(format_optimizers())
-        return None
-    report = run(margs, args)
-    end_process_group()  # on success only: after an error on one rank, a barrier would wait for the others
-    return report
+    return run_job(lambda margs, args, _: run(margs, args), (ModelDataArguments, TrainingArguments), PRETRAIN_DEFAULTS,
+                   argv)

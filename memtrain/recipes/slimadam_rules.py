@@ -6,7 +6,7 @@ along each candidate axis at regular steps, averages the SNRs over the measured 
 picks per parameter the axis with the largest SNR above ``--cutoff`` (none: no compression). Writes the JSON rules
 file that ``--optim slimadam --optim_args rules_file=PATH`` accepts:
 
-    python scripts/slimadam_rules.py --model llama-tiny --max_steps 300 --output rules/llama-tiny.json
+    memtrain slimadam-rules --model llama-tiny --max_steps 300 --output rules/llama-tiny.json
 
 The paper measures over 1000+ steps and drops the first 999; the defaults here are scaled to a CPU-sized run.
 """
