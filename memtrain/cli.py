@@ -3,6 +3,7 @@
     memtrain pretrain [config.yaml] [--flags]     pretrain a model (memtrain/recipes/pretrain.py)
     memtrain finetune [config.yaml] [--flags]     fine-tune with an adapter or fully (memtrain/recipes/finetune.py)
     memtrain bench [engines|layerwise] [...]      benchmarks (memtrain/bench/)
+    memtrain estimate [--flags]                   memory of a training step, simulated (memtrain/estimate.py)
     memtrain list [NAME]                          registered optimizers, or one optimizer's options
     memtrain slimadam-rules --output FILE         derive SlimAdam compression rules
 
@@ -19,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("memtrain.recipes.pretrain", "main", "pretrain a model from a named config with any optimizer"),
     "finetune": ("memtrain.recipes.finetune", "main", "fine-tune a saved model with a LoRA adapter or fully"),
     "bench": ("memtrain.bench", "main", "benchmarks: optimizers (default), engines, layerwise"),
+    "estimate": ("memtrain.estimate", "main", "peak memory of a training step by category, simulated on fake tensors"),
     "list": ("memtrain.optim.registry", "list_main", "list the registered optimizers, or one optimizer's options"),
     "slimadam-rules": ("memtrain.recipes.slimadam_rules", "main", "derive SlimAdam compression rules"),
 }

@@ -1,0 +1,323 @@
+"""``memtrain estimate``: the memory of a training step of any model with any optimizer, by running it on fake tensors.
+
+The model is built from its config and the optimizer by the registry, exactly as training builds them, but under
+``FakeTensorMode`` (torch/_subclasses/fake_tensor.py): every tensor has its real shape, dtype and device and no data.
+Two training steps run (forward, backward, ``optimizer.step()``; the optimizer state exists from the first) under
+:class:`memtrain.hf.metrics.MemoryTracker`, torch's ``MemTracker`` dispatch mode, which attributes every storage to
+parameters, gradients, optimizer state, activations or temporaries. The result is the peak of those two steps by
+category and the phase it happens in. Nothing here knows what an optimizer keeps: the numbers come from the code
+that trains. FSDP2 runs ``fully_shard`` on a fake process group (``backend="fake"``) once per simulated rank,
+under torch's ``FSDPMemTracker``. docs/estimate.md describes what is simulated and the limits.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+from transformers import AutoModelForCausalLM
+
+from .hf import metrics
+from .optim import registry
+from .recipes.models import DEFAULT_MODEL, get_model_config, model_names
+
+#: --dtype: (weight dtype, autocast dtype or None). "mixed" is HF's --bf16: fp32 master weights, bf16 autocast.
+DTYPES = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None), "mixed": (torch.float32, torch.bfloat16)}
+ENGINES = ("single", "ddp", "fsdp2")
+GiB, GB = 2**30, 10**9
+UNITS = {"GiB": GiB, "GB": GB, "MiB": 2**20}
+#: Columns of the tables: (header, key). ``params+state`` is the "weights + optimizer state" of papers' tables.
+COLUMNS = (("params", "params"), ("grads", "grads"), ("state", "state"), ("activations", "activations"),
+           ("temps", "temporaries"), ("other", "other_all"), ("peak", "total"))
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One training configuration to simulate (the flags of ``memtrain estimate``)."""
+
+    model: str = DEFAULT_MODEL
+    optim: str = "adamw"
+    optim_args: str = ""
+    layerwise: bool = False
+    gradient_checkpointing: bool = False
+    batch_size: int = 1
+    seq_len: int = 256
+    dtype: str = "bf16"
+    engine: str = "single"
+    world_size: int = 1
+    ranks: tuple[int, ...] | None = None  # FSDP2: the ranks to simulate (default: all up to 8, else first and last)
+    steps: int = 2
+
+    def check(self) -> None:
+        """Every problem with the settings, raised before any work is done."""
+        get_model_config(self.model)  # names the accepted models when unknown
+        registry.get_spec(self.optim)  # names the registered optimizers when unknown
+        self.options()  # names the accepted options when one is wrong
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine {self.engine!r}: use one of {', '.join(ENGINES)}")
+        for name in ("batch_size", "seq_len", "world_size", "steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.steps < 2:
+            raise ValueError("--steps must be >= 2: the optimizer state exists only after the first step")
+        if self.engine == "single" and self.world_size != 1:
+            raise ValueError("--world_size > 1 needs --engine ddp or fsdp2")
+        if self.engine == "fsdp2" and not registry.get_spec(self.optim).fsdp2:
+            raise ValueError(f"{self.optim} does not run under FSDP2 (its registry capabilities lack fsdp2); "
+                             "use --engine ddp or single")
+        bad = [r for r in self.rank_list() if not 0 <= r < self.world_size]
+        if bad:
+            raise ValueError(f"--ranks {bad} outside 0..{self.world_size - 1}")
+
+    def options(self) -> dict[str, Any]:
+        options = registry.parse_optim_args(self.optim, self.optim_args)
+        if self.layerwise:
+            options["layerwise"] = True
+        return options
+
+    def rank_list(self) -> tuple[int, ...]:
+        if self.engine != "fsdp2":
+            return (0,)  # one process, or DDP replicas that are all alike
+        if self.ranks is not None:
+            return tuple(self.ranks)
+        return tuple(range(self.world_size)) if self.world_size <= 8 else (0, self.world_size - 1)
+
+    def label(self) -> str:
+        parts = [self.optim + (f" {self.optim_args}" if self.optim_args else ""), self.model, self.dtype,
+                 f"batch {self.batch_size}x{self.seq_len}"]
+        parts += ["layer-wise"] * self.layerwise + ["grad ckpt"] * self.gradient_checkpointing
+        if self.engine != "single":
+            parts.append(f"{self.engine} x{self.world_size}")
+        return ", ".join(parts)
+
+
+# -- one simulated (or real) run ---------------------------------------------------------------------------------
+def build(setup: Setup, mesh=None):
+    """The model (train mode, engine applied), its optimizer and one batch, on whatever tensor mode is active.
+    ``mesh``: the FSDP2 device mesh (made outside fake mode)."""
+    weight_dtype, _ = DTYPES[setup.dtype]
+    config = get_model_config(setup.model)
+    model = AutoModelForCausalLM.from_config(config, dtype=weight_dtype)
+    model.train()
+    if setup.gradient_checkpointing:  # what HF's Trainer does for --gradient_checkpointing (non-reentrant)
+        model.activation_checkpointing_enable()
+    if setup.engine == "fsdp2":  # accelerate's FSDP2 config: each decoder layer a unit, then the root
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    optimizer = registry.build_optimizer(model, setup.optim, lr=1e-3, **setup.options())
+    ids = torch.randint(0, config.vocab_size, (setup.batch_size, setup.seq_len))
+    return model, optimizer, {"input_ids": ids, "labels": ids}
+
+
+def ddp_buckets(model) -> list[torch.Tensor]:
+    """What DDP adds to a replica: the reducer's flat gradient buckets, one element per trainable parameter element
+    (torch's ``Reducer`` with accelerate's default ``gradient_as_bucket_view=False``), allocated for the life of
+    the wrapper. DDP itself cannot be built on fake tensors (its C++ reducer reads parameter data), so the replica
+    is simulated unwrapped plus these buffers; layer-wise release all-reduces each gradient in its hook on the fake
+    process group, as memtrain's Trainer does under ``no_sync``."""
+    sizes: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    return [torch.empty(n, dtype=dtype) for dtype, n in sizes.items()]
+
+
+def _train(setup: Setup, model, optimizer, batch, tracker) -> None:
+    _, autocast = DTYPES[setup.dtype]
+    for _ in range(setup.steps):
+        with torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext():
+            loss = model(**batch).loss
+        loss.backward()
+        del loss
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tracker.mark_state()
+        tracker.reset_mod_stats()
+
+
+def run_rank(setup: Setup, *, fake: bool = True, rank: int = 0) -> dict[str, Any]:
+    """Peak memory by category of ``setup`` on one rank, and the exact optimizer-state bytes after the last step.
+
+    ``fake=False`` runs the same steps on real tensors (one process only): what the estimate is checked against.
+    """
+    distributed = setup.engine != "single"
+    if distributed:
+        if not fake:
+            raise ValueError("a real multi-rank run needs real processes; run_rank(fake=False) is single-process")
+        if dist.is_initialized():
+            raise RuntimeError("memtrain estimate simulates ranks on a fake process group and cannot run inside an "
+                               "initialised torch.distributed job; run it as a plain process")
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=setup.world_size)
+    mesh = None
+    if setup.engine == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (setup.world_size,))  # outside fake mode: it reads the rank map's values
+    start = time.perf_counter()
+    try:
+        with FakeTensorMode() if fake else contextlib.nullcontext():
+            model, optimizer, batch = build(setup, mesh)
+            if setup.engine == "fsdp2":
+                tracker = metrics.FSDPMemoryTracker(model, optimizer)
+            else:
+                tracker = metrics.MemoryTracker(model, optimizer)
+            if setup.engine == "ddp":
+                tracker.track_external(*ddp_buckets(model))
+            with tracker:
+                _train(setup, model, optimizer, batch, tracker)
+            peak = tracker.peak()
+            state = metrics.optimizer_state_bytes(optimizer)
+            counts = metrics.model_memory(model)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    return {"rank": rank, **peak, "optimizer_state_bytes": state, "parameters": counts["parameters"],
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _explain(error: Exception) -> str:
+    text = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    name = type(error).__name__
+    if name in ("DataDependentOutputException", "DynamicOutputShapeException") or "data-dependent" in text.lower():
+        return (f"cannot step on fake tensors: its step() reads tensor values on the host (.item(), .tolist(), "
+                f"bool(tensor)), so its memory cannot be simulated until that sync is removed [{text}]")
+    if "Mixing fake modes" in text:
+        return (f"cannot step on fake tensors: it caches a tensor across optimizer instances (made under an earlier "
+                f"fake mode) [{text}]")
+    return text
+
+
+def estimate(setup: Setup) -> dict[str, Any]:
+    """The estimate of ``setup``: settings, per-rank results, the worst rank's peak; or the error that stopped it."""
+    setup.check()
+    result: dict[str, Any] = {"setup": asdict(setup), "label": setup.label()}
+    start = time.perf_counter()
+    try:
+        result["ranks"] = [run_rank(setup, rank=r) for r in setup.rank_list()]
+    except Exception as error:  # one optimizer's failure must not hide the others in --all
+        result["error"] = _explain(error)
+        return result
+    result["peak"] = max(result["ranks"], key=lambda r: r["total"])
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def estimate_all(setup: Setup, optimizers=None) -> list[dict[str, Any]]:
+    """``setup`` with every registered optimizer (or the named ones); each keeps its own registry defaults."""
+    return [estimate(replace(setup, optim=name, optim_args="" if name != setup.optim else setup.optim_args))
+            for name in (optimizers or registry.optimizer_names())]
+
+
+# -- tables ------------------------------------------------------------------------------------------------------
+def _cells(peak: dict, divisor: int) -> dict[str, str]:
+    row = dict(peak, other_all=peak["buffers"] + peak["unsharded"] + peak["other"])
+    return {key: f"{row[key] / divisor:,.2f}" for _, key in COLUMNS}
+
+
+def table_rows(results: list[dict], *, units: str = "GiB") -> tuple[list[str], list[list[str]]]:
+    divisor = UNITS[units]
+    header = ["optimizer", "layer-wise", "rank", *(f"{h} ({units})" for h, _ in COLUMNS), "peak phase"]
+    rows = []
+    for r in results:
+        s = r["setup"]
+        name = s["optim"] + (f" `{s['optim_args']}`" if s["optim_args"] else "")
+        if "error" in r:
+            rows.append([name, "yes" if s["layerwise"] else "no", "-", *["-"] * len(COLUMNS), r["error"]])
+            continue
+        for rank in r["ranks"]:
+            cells = _cells(rank, divisor)
+            rows.append([name, "yes" if s["layerwise"] else "no", str(rank["rank"]),
+                         *(cells[k] for _, k in COLUMNS), rank["phase"]])
+    return header, rows
+
+
+def format_table(results: list[dict], *, units: str = "GiB") -> str:
+    header, rows = table_rows(results, units=units)
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(c.ljust(w) if i in (0, 1, len(header) - 1) else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(line, widths))).rstrip() for line in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(results: list[dict], *, units: str = "GiB") -> str:
+    header, rows = table_rows(results, units=units)
+    align = ["---" if i in (0, 1, len(header) - 1) else "---:" for i in range(len(header))]
+    return "\n".join("| " + " | ".join(line) + " |" for line in [header, align, *rows])
+
+
+def describe(setup: Setup) -> str:
+    engine = "one process" if setup.engine == "single" else f"{setup.engine}, world size {setup.world_size}"
+    return (f"{setup.model}, {setup.dtype}, micro-batch {setup.batch_size} x {setup.seq_len} tokens"
+            f"{', gradient checkpointing' if setup.gradient_checkpointing else ''}, {engine}; "
+            f"peak of {setup.steps} simulated training steps")
+
+
+# -- command line ------------------------------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="memtrain estimate",
+        description="Peak memory of a training step by category (parameters, gradients, optimizer state, "
+                    "activations, temporaries), simulated on fake tensors with the real model and optimizer code.")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"named config ({', '.join(model_names())}), a config .json, or a saved model directory")
+    p.add_argument("--optim", default="adamw", help="a registered optimizer (memtrain list)")
+    p.add_argument("--optim_args", default="", help="optimizer options k=v,k=v (memtrain list NAME)")
+    p.add_argument("--all", action="store_true", help="every registered optimizer side by side")
+    p.add_argument("--layerwise", action="store_true", help="layer-wise gradient release")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--batch_size", type=int, default=1, help="micro-batch size per rank")
+    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES),
+                   help="bf16: pure bf16 weights; fp32; mixed: fp32 weights with bf16 autocast (HF --bf16)")
+    p.add_argument("--engine", default="single", choices=ENGINES)
+    p.add_argument("--world_size", type=int, default=1)
+    p.add_argument("--ranks", default=None, help="FSDP2: ranks to simulate, e.g. 0,7 (default: all up to 8)")
+    p.add_argument("--steps", type=int, default=2, help="training steps to simulate (>= 2)")
+    p.add_argument("--units", default="GiB", choices=tuple(UNITS))
+    p.add_argument("--markdown", metavar="FILE", help="also write the table as markdown")
+    p.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
+    return p
+
+
+def setup_from_args(args) -> Setup:
+    ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else None
+    return Setup(model=args.model, optim=args.optim, optim_args=args.optim_args, layerwise=args.layerwise,
+                 gradient_checkpointing=args.gradient_checkpointing, batch_size=args.batch_size,
+                 seq_len=args.seq_len, dtype=args.dtype, engine=args.engine, world_size=args.world_size,
+                 ranks=ranks, steps=args.steps)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    setup = setup_from_args(args)
+    try:
+        setup.check()
+    except (ValueError, TypeError) as error:
+        print(f"memtrain estimate: {error}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    results = estimate_all(setup) if args.all else [estimate(setup)]
+    seconds = time.perf_counter() - start
+    print(f"memtrain estimate: {describe(setup)} ({seconds:.0f} s)\n{format_table(results, units=args.units)}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"{describe(setup)}.\n\n{markdown_table(results, units=args.units)}\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    return 1 if any("error" in r for r in results) and not args.all else 0
