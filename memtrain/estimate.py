@@ -16,6 +16,7 @@ import contextlib
 import json
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -147,46 +148,54 @@ def _train(setup: Setup, model, optimizer, batch, tracker) -> None:
         tracker.reset_mod_stats()
 
 
-def run_rank(setup: Setup, *, fake: bool = True, rank: int = 0) -> dict[str, Any]:
-    """Peak memory by category of ``setup`` on one rank, and the exact optimizer-state bytes after the last step.
+def measure(setup: Setup, *, fake: bool = True, mesh=None) -> dict[str, Any]:
+    """Run ``setup``'s training steps in this process under the tracker: the peak by category (``total``,
+    ``phase``) and the exact optimizer-state bytes after the last step (``optimizer_state_bytes``).
 
-    ``fake=False`` runs the same steps on real tensors (one process only): what the estimate is checked against.
+    ``fake=False`` runs the same code on real tensors, which is what the estimate is checked against (tests). Under
+    FSDP2 a process group must be running and ``mesh`` be its 1-D device mesh.
     """
-    distributed = setup.engine != "single"
-    if distributed:
-        if not fake:
-            raise ValueError("a real multi-rank run needs real processes; run_rank(fake=False) is single-process")
-        if dist.is_initialized():
-            raise RuntimeError("memtrain estimate simulates ranks on a fake process group and cannot run inside an "
-                               "initialised torch.distributed job; run it as a plain process")
-        from torch.testing._internal.distributed.fake_pg import FakeStore
-
-        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=setup.world_size)
-    mesh = None
-    if setup.engine == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh("cpu", (setup.world_size,))  # outside fake mode: it reads the rank map's values
     start = time.perf_counter()
-    try:
-        with FakeTensorMode() if fake else contextlib.nullcontext():
-            model, optimizer, batch = build(setup, mesh)
-            if setup.engine == "fsdp2":
-                tracker = metrics.FSDPMemoryTracker(model, optimizer)
-            else:
-                tracker = metrics.MemoryTracker(model, optimizer)
-            if setup.engine == "ddp":
-                tracker.track_external(*ddp_buckets(model))
+    with FakeTensorMode() if fake else contextlib.nullcontext():
+        model, optimizer, batch = build(setup, mesh)
+        if setup.engine == "fsdp2":
+            tracker = metrics.FSDPMemoryTracker(model, optimizer)
+        else:
+            tracker = metrics.MemoryTracker(model, optimizer)
+        buckets = ddp_buckets(model) if setup.engine == "ddp" else []  # alive for the whole run, as DDP's are
+        tracker.track_external(*buckets)
+        with warnings.catch_warnings():  # torch's module tracker warns about checkpointed re-entries; harmless here
+            warnings.filterwarnings("ignore", message="The module hierarchy tracking")
+            # layer-wise release frees a gradient in its hook before torch's tracker hook sees it
+            warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
             with tracker:
                 _train(setup, model, optimizer, batch, tracker)
-            peak = tracker.peak()
-            state = metrics.optimizer_state_bytes(optimizer)
-            counts = metrics.model_memory(model)
-    finally:
-        if distributed:
-            dist.destroy_process_group()
-    return {"rank": rank, **peak, "optimizer_state_bytes": state, "parameters": counts["parameters"],
+        peak = tracker.peak()
+        state = metrics.optimizer_state_bytes(optimizer)
+        counts = metrics.model_memory(model)
+    return {**peak, "optimizer_state_bytes": state, "parameters": counts["parameters"],
             "seconds": round(time.perf_counter() - start, 2)}
+
+
+def run_rank(setup: Setup, rank: int = 0) -> dict[str, Any]:
+    """The simulation of one rank: one process, or rank ``rank`` of a fake process group (DDP, FSDP2)."""
+    if setup.engine == "single":
+        return {"rank": 0, **measure(setup)}
+    if dist.is_initialized():
+        raise RuntimeError("memtrain estimate simulates ranks on a fake process group and cannot run inside an "
+                           "initialised torch.distributed job; run it as a plain process")
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=setup.world_size)
+    try:
+        mesh = None
+        if setup.engine == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (setup.world_size,))  # outside fake mode: it reads the rank map's values
+        return {"rank": rank, **measure(setup, mesh=mesh)}
+    finally:
+        dist.destroy_process_group()
 
 
 def _explain(error: Exception) -> str:
@@ -195,7 +204,7 @@ def _explain(error: Exception) -> str:
     if name in ("DataDependentOutputException", "DynamicOutputShapeException") or "data-dependent" in text.lower():
         return (f"cannot step on fake tensors: its step() reads tensor values on the host (.item(), .tolist(), "
                 f"bool(tensor)), so its memory cannot be simulated until that sync is removed [{text}]")
-    if "Mixing fake modes" in text:
+    if "Mixing fake modes" in text or "convert all Tensors to FakeTensors" in text:
         return (f"cannot step on fake tensors: it caches a tensor across optimizer instances (made under an earlier "
                 f"fake mode) [{text}]")
     return text
