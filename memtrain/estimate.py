@@ -16,7 +16,6 @@ import contextlib
 import json
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -164,12 +163,8 @@ def measure(setup: Setup, *, fake: bool = True, mesh=None) -> dict[str, Any]:
             tracker = metrics.MemoryTracker(model, optimizer)
         buckets = ddp_buckets(model) if setup.engine == "ddp" else []  # alive for the whole run, as DDP's are
         tracker.track_external(*buckets)
-        with warnings.catch_warnings():  # torch's module tracker warns about checkpointed re-entries; harmless here
-            warnings.filterwarnings("ignore", message="The module hierarchy tracking")
-            # layer-wise release frees a gradient in its hook before torch's tracker hook sees it
-            warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
-            with tracker:
-                _train(setup, model, optimizer, batch, tracker)
+        with tracker:
+            _train(setup, model, optimizer, batch, tracker)
         peak = tracker.peak()
         state = metrics.optimizer_state_bytes(optimizer)
         counts = metrics.model_memory(model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import resource
+import warnings
 from typing import Iterable, Iterator
 
 import torch
@@ -182,15 +183,24 @@ class _CategoryPeak:
         return wrapped
 
     def __enter__(self):
-        if self._depth == 0 and self._inner is not None:
-            # Layer-wise release calls step_param from backward hooks, outside optimizer.step(): mark it too.
-            self._inner.step_param = self._optimizer_region(type(self._inner).step_param.__get__(self._inner))
+        if self._depth == 0:
+            if self._inner is not None:
+                # Layer-wise release calls step_param from backward hooks, outside optimizer.step(): mark it too.
+                self._inner.step_param = self._optimizer_region(type(self._inner).step_param.__get__(self._inner))
+            self._quiet = warnings.catch_warnings()
+            self._quiet.__enter__()
+            # torch's module tracker warns on checkpointed re-entries, and its gradient hook when layer-wise
+            # release has already freed the gradient it was to label: both harmless here
+            warnings.filterwarnings("ignore", message="The module hierarchy tracking")
+            warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
         return super().__enter__()
 
     def __exit__(self, *args):
         super().__exit__(*args)
-        if self._depth == 0 and self._inner is not None:
-            self._inner.__dict__.pop("step_param", None)
+        if self._depth == 0:
+            self._quiet.__exit__(None, None, None)
+            if self._inner is not None:
+                self._inner.__dict__.pop("step_param", None)
 
     # -- results -------------------------------------------------------------------------------------------
     def mark_state(self) -> None:
