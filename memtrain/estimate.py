@@ -299,15 +299,63 @@ def recipe_candidates() -> list[tuple[str, str]]:
     return out
 
 
-def _cpu_wall(fn):
+def sweep_setups() -> list[Setup]:
+    """The page's size sweep: every optimizer x size, with and without layer-wise release (micro-batch 1 x 256)."""
+    return [Setup(model=size, optim=name, layerwise=layerwise)
+            for size in SIZES for layerwise in (False, True) for name in registry.optimizer_names()]
+
+
+def step7_setups() -> list[Setup]:
+    """The page's 7B step: every optimizer (and low-memory fallback), with and without layer-wise release."""
+    return [Setup(optim=name, optim_args=args, layerwise=layerwise, **STEP_7B)
+            for name, args in recipe_candidates() for layerwise in (False, True)]
+
+
+def collect(setups: list[Setup], progress=None) -> list[dict]:
+    """``estimate`` of each setup; an optimizer that cannot step on fake tensors fails alike at every size, so
+    it runs once."""
+    unsimulable, out = {}, []
+    for setup in setups:
+        if (setup.optim, setup.optim_args) in unsimulable:
+            r = {**unsimulable[setup.optim, setup.optim_args], "setup": asdict(setup), "label": setup.label()}
+        else:
+            r = estimate(setup)
+            if "cannot step on fake tensors" in r.get("error", ""):
+                unsimulable[setup.optim, setup.optim_args] = r
+        out.append(r)
+        if progress is not None:
+            progress(r)
+    return out
+
+
+def _progress(r: dict) -> None:
+    what = r["error"] if "error" in r else f"{r['peak']['total'] / GiB:.2f} GiB"
+    print(f"estimate: {r['label']}: {what} ({r.get('seconds', 0)} s)", file=sys.stderr, flush=True)
+
+
+def timed_all_7b() -> tuple[list[dict], dict]:
+    """``memtrain estimate --all --model llama-7b --seq_len 2048 --gradient_checkpointing``, timed."""
+    import os
+
     wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return out, time.perf_counter() - wall, time.process_time() - cpu
+    results = estimate_all(Setup(**STEP_7B))
+    timing = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+              "load_average": os.getloadavg()[0]}
+    return results, timing
 
 
 def report_page() -> str:
     """The page docs/benchmarks/estimates.md: every optimizer x size, with and without layer-wise release, against
     the published weights + state columns; and the 7B step that fits 16 / 24 / 80 GiB."""
+    sweep = collect(sweep_setups(), _progress)
+    all7b, timing = timed_all_7b()
+    done = {(r["setup"]["optim"], r["setup"]["optim_args"], r["setup"]["layerwise"]) for r in all7b}
+    rest = [s for s in step7_setups() if (s.optim, s.optim_args, s.layerwise) not in done]
+    return render_page(sweep, all7b + collect(rest, _progress), timing)
+
+
+def render_page(sweep_results: list[dict], step7_results: list[dict], timing: dict) -> str:
+    """The markdown of the page from the results of ``sweep_setups``, ``step7_setups`` and ``timed_all_7b``."""
     import os
     import platform
 
@@ -318,26 +366,9 @@ def report_page() -> str:
         return f"{x / GiB:.2f}"
 
     names = registry.optimizer_names()
-    sweep, unsimulable = {}, {}
-    for size in SIZES:
-        for layerwise in (False, True):
-            for name in names:
-                if name in unsimulable:  # a host sync in step() fails every size alike: run it once
-                    sweep[name, layerwise, size] = unsimulable[name]
-                    continue
-                r = sweep[name, layerwise, size] = estimate(Setup(model=size, optim=name, layerwise=layerwise))
-                if "cannot step on fake tensors" in r.get("error", ""):
-                    unsimulable[name] = r
-                print(f"estimate: {r['label']}: {r['error'] if 'error' in r else gib(r['peak']['total']) + ' GiB'}"
-                      f" ({r.get('seconds', 0)} s)", file=sys.stderr, flush=True)
-    # the timed command: memtrain estimate --all --model llama-7b --seq_len 2048 --gradient_checkpointing
-    all7b, wall7, cpu7 = _cpu_wall(lambda: estimate_all(Setup(**STEP_7B)))
-    step7 = {(r["setup"]["optim"], r["setup"]["optim_args"], False): r for r in all7b}
-    for name, args in recipe_candidates():
-        for layerwise in (False, True):
-            if (name, args, layerwise) not in step7:
-                step7[name, args, layerwise] = estimate(Setup(optim=name, optim_args=args, layerwise=layerwise,
-                                                              **STEP_7B))
+    sweep = {(r["setup"]["optim"], r["setup"]["layerwise"], r["setup"]["model"]): r for r in sweep_results}
+    step7 = {(r["setup"]["optim"], r["setup"]["optim_args"], r["setup"]["layerwise"]): r for r in step7_results}
+    cpu7, wall7, load = timing["cpu_s"], timing["wall_s"], timing["load_average"]
 
     lines = [
         "# Memory estimates: every optimizer, LLaMA 60M to 7B",
@@ -349,7 +380,7 @@ def report_page() -> str:
         "",
         f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs. The timed 7B `--all` run "
         f"(`memtrain estimate --all --model llama-7b --seq_len 2048 --gradient_checkpointing`): **{cpu7:.0f} s of "
-        f"CPU time, {wall7:.0f} s wall** (load average {os.getloadavg()[0]:.1f} when it ended, on a machine shared "
+        f"CPU time, {wall7:.0f} s wall** (load average {load:.1f} when it ended, on a machine shared "
         "with other jobs).",
         "",
         "## Weights + optimizer state (bf16 weights), against the published columns",
