@@ -354,6 +354,9 @@ def report_page() -> str:
     return render_page(sweep, all7b + collect(rest, _progress), timing)
 
 
+MISSING = {"error": "not run"}  # a setup whose result render_page was not given
+
+
 def render_page(sweep_results: list[dict], step7_results: list[dict], timing: dict) -> str:
     """The markdown of the page from the results of ``sweep_setups``, ``step7_setups`` and ``timed_all_7b``."""
     import os
@@ -395,10 +398,10 @@ def render_page(sweep_results: list[dict], step7_results: list[dict], timing: di
     for name in names:
         cells, halves = [], []
         for size in SIZES:
-            r = sweep[name, False, size]
+            r = sweep.get((name, False, size), MISSING)
             if "error" in r:
-                cells.append("error")
-                halves.append("error")
+                cells.append(r["error"] if r is MISSING else "error")
+                halves.append(cells[-1])
                 continue
             p = r["peak"]
             cells.append(gb(p["params"] + p["optimizer_state_bytes"]))
@@ -420,10 +423,12 @@ def render_page(sweep_results: list[dict], step7_results: list[dict], timing: di
     ]
     for name in names:
         for layerwise in (False, True):
-            rs = [sweep[name, layerwise, size] for size in SIZES]
-            cells = ["error" if "error" in r else gib(r["peak"]["total"]) for r in rs]
+            rs = [sweep.get((name, layerwise, size), MISSING) for size in SIZES]
+            cells = [(r["error"] if r is MISSING else "error") if "error" in r else gib(r["peak"]["total"]) for r in rs]
             phase = rs[-1].get("peak", {}).get("phase", "-")
             lines.append(f"| {name} | {'yes' if layerwise else 'no'} | " + " | ".join(cells) + f" | {phase} |")
+    if len(sweep) < len(names) * len(SIZES) * 2:
+        lines += ["", f"`not run`: this copy of the page holds only part of the sweep; `{REPORT_COMMAND}` runs all."]
     lines += [
         "",
         "## LLaMA-7B pretraining step: what fits in 16 / 24 / 80 GiB",
