@@ -518,7 +518,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def setup_from_args(args) -> Setup:
-    ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else None
+    try:
+        ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else None
+    except ValueError:
+        raise ValueError(f"--ranks {args.ranks!r}: give rank numbers separated by commas, e.g. 0,7") from None
     return Setup(model=args.model, optim=args.optim, optim_args=args.optim_args, layerwise=args.layerwise,
                  gradient_checkpointing=args.gradient_checkpointing, batch_size=args.batch_size,
                  seq_len=args.seq_len, dtype=args.dtype, engine=args.engine, world_size=args.world_size,
@@ -533,8 +536,8 @@ def main(argv=None) -> int:
             f.write(page)
         print(page)
         return 0
-    setup = setup_from_args(args)
     try:
+        setup = setup_from_args(args)
         setup.check()
     except (ValueError, TypeError) as error:
         print(f"memtrain estimate: {error}", file=sys.stderr)

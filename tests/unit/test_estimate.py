@@ -86,6 +86,8 @@ def test_ddp_replica_adds_the_reducer_buckets():
     (["--model", "llama-3b"], "unknown model"),
     (["--world_size", "2"], "needs --engine"),
     (["--steps", "1"], "state exists only after"),
+    (["--engine", "fsdp2", "--world_size", "2", "--ranks", "0,x"], "rank numbers"),
+    (["--engine", "fsdp2", "--world_size", "2", "--ranks", "2"], "outside 0..1"),
 ])
 def test_bad_settings_fail_before_any_work(argv, message, capsys):
     assert estimate.main(argv) == 2
