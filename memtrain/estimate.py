@@ -474,6 +474,19 @@ def render_page(sweep_results: list[dict], step7_results: list[dict], timing: di
         lines.append(f"| {name} | {args} | {'yes' if layerwise else 'no'} | {gib(p['params'])} | {gib(p['grads'])} | "
                      f"{gib(p['optimizer_state_bytes'])} | {gib(p['activations'])} | {gib(p['temporaries'])} | "
                      f"**{gib(p['total'])}** | {p['phase']} | " + " | ".join(marks) + " |")
+    lines += [
+        "",
+        "Reading it: without layer-wise release every optimizer peaks in `step()` holding all bf16 gradients (as "
+        "many bytes as the weights); activations are gone by then. With it, the peak moves to the layer-wise update "
+        "of the embedding or head (the largest tensors: 32000 x 4096), inside backward, with one gradient alive. "
+        "What remains above the weights is state and the step's scratch. State above a method's theory (SWAN, "
+        "SinkGD and SCALE keep no state on the hidden matrices) is the **fallback** of the roles they do not own: "
+        "AdamW with fp32 moments, 8 bytes per element, on the embedding, head and norm gains (SCALE: momentum on the "
+        "head only). The scratch (`temps`) is the fp32 working copies of the tensor being updated (parameter, "
+        "gradient and the update's intermediates) for the largest tensor, about 0.5 GiB each at 7B; a "
+        "low-memory fallback (`fallback=adam4bit` or `adafactor`, where a method offers it) shrinks the state, "
+        "not that scratch.",
+    ]
     lines += ["", "Fits (peak GiB):", ""]
     for b in BUDGETS_GIB:
         lines.append(f"- **≤ {b} GiB**: " + (", ".join(fits[b]) if fits[b] else "nothing"))
