@@ -5,12 +5,13 @@ import json
 import pytest
 
 from memtrain import estimate
+from memtrain.optim import registry
 
 from .launch import tail, torchrun
 
-#: optimizers that step on fake tensors and run under FSDP2 today (galore, fira and adam4bit join after issue 12
-#: item 1 removes their host syncs and cross-instance caches)
-NAMES = ["adamw", "swan", "sinkgd", "scale", "adafactor", "slimadam"]
+#: every optimizer that runs under FSDP2; one that cannot step on fake tensors yet (host syncs in step(), issue 12
+#: item 1) is an expected failure until it can
+NAMES = [n for n in registry.optimizer_names() if registry.get_spec(n).fsdp2]
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["standard", "layerwise"])
@@ -29,6 +30,8 @@ def test_simulated_ranks_hold_the_real_ranks_state(real, name):
     assert all("error" not in r for r in ranks), ranks
     est = estimate.estimate(estimate.Setup(model="llama-tiny", optim=name, batch_size=2, seq_len=64,
                                            engine="fsdp2", world_size=2, layerwise=layerwise))
+    if "cannot step on fake tensors" in est.get("error", ""):
+        pytest.xfail(f"{name}: {est['error']}")
     assert "error" not in est, est["error"]
     assert [r["optimizer_state_bytes"] for r in est["ranks"]] == [r["optimizer_state_bytes"] for r in ranks]
     for sim, r in zip(est["ranks"], ranks):
