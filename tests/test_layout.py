@@ -22,7 +22,7 @@ import memtrain
 
 ROOT = Path(memtrain.__file__).parent
 #: Layer of each top-level part of the package; a module may import from its own layer and the layers below.
-LAYERS = {"version": 0, "configs": 0, "optim": 0, "adapters": 1, "hf": 2, "recipes": 3, "bench": 4, "cli": 4, "__main__": 5,
+LAYERS = {"version": 0, "configs": 0, "optim": 0, "adapters": 1, "hf": 2, "recipes": 3, "bench": 4, "estimate": 4, "cli": 4, "__main__": 5,
           "": 2}  # "": memtrain/__init__.py, the public facade over optim (and, lazily, hf)
 #: Imports against the direction (and the cycle they close) that exist today, each to be removed by the change that
 #: owns it. The tests fail on any other, and on an entry here that no longer exists (so the list only shrinks).

@@ -1,5 +1,14 @@
 """The end-of-run report: exact optimizer-state bytes, weights and gradients, peak memory, tokens/s and
-token-weighted eval perplexity, as a ``TrainerCallback``."""
+token-weighted eval perplexity, as a ``TrainerCallback``.
+
+Peak memory comes two ways. The device's own counter: ``torch.cuda.max_memory_allocated`` on GPU, the process's
+peak RSS on CPU (which mostly measures the Python process, not the training). And the tracked tensor peak by
+category (parameters, gradients, optimizer state, activations, temporaries; ``metrics.MemoryTracker``) of one
+sampled optimizer step: the second of the run, the first that starts with the optimizer state in place. Tracking
+one step costs that step a few times its usual time (a Python dispatch hook on every operator), so tokens/s is
+measured over the other steps, as it already leaves out evaluation: the tracked step's seconds and tokens are
+taken out of ``tokens_per_second`` (``memory_tracking_seconds`` reports them; docs/estimate.md states the cost).
+"""
 from __future__ import annotations
 
 import json
@@ -24,8 +33,17 @@ class ReportCallback(TrainerCallback):
     ``ReportCallback(tokens_per_step=...)`` to ``callbacks``; it then writes the report at the end of training.
     """
 
-    def __init__(self, tokens_per_step: int | None = None, write_on_train_end: bool = True):
+    def __init__(self, tokens_per_step: int | None = None, write_on_train_end: bool = True,
+                 track_memory: bool = True):
         self.tokens_per_step = tokens_per_step
+        #: Track one optimizer step's tensor memory by category (see the module docstring).
+        self.track_memory = track_memory
+        self.memory_by_category: dict[str, Any] | None = None
+        self.memory_tracked_step: int | None = None
+        self.memory_tracking_seconds = 0.0
+        self._tracker = None
+        self._track_at = None
+        self._tracking_tokens = 0
         self.write_on_train_end = write_on_train_end
         self.local_tokens = 0  # counted by memtrain's Trainer; summed across ranks at the end
         self.eval_metrics: dict[str, float] = {}
@@ -45,7 +63,30 @@ class ReportCallback(TrainerCallback):
         sharding.COMM.clear()
         self.eval_seconds = 0.0
         self._start_step = state.global_step  # > 0 when resumed
+        # the run's second step (the first with the optimizer state in place), or its only one
+        self._track_at = state.global_step + (1 if state.max_steps - state.global_step >= 2 else 0)
+        self.memory_by_category = self.memory_tracked_step = None
+        self.memory_tracking_seconds = 0.0
         self._start = time.perf_counter()
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.track_memory and self._tracker is None and state.global_step == self._track_at and model is not None:
+            self._tracking_start = time.perf_counter()
+            self._tracking_tokens = self.local_tokens
+            self._tracker = metrics.MemoryTracker(model, optimizer)
+            self._tracker.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._stop_tracking(state)
+
+    def _stop_tracking(self, state) -> None:
+        if self._tracker is not None:
+            self._tracker.__exit__(None, None, None)
+            self.memory_by_category = self._tracker.peak()
+            self.memory_tracked_step = state.global_step  # the step just completed (1-based)
+            self._tracker = None
+            self.memory_tracking_seconds = time.perf_counter() - self._tracking_start
+            self._tracking_tokens = self.local_tokens - self._tracking_tokens  # this rank's tokens in that step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "train_loss" in logs:
@@ -60,6 +101,7 @@ class ReportCallback(TrainerCallback):
                                           "perplexity": metrics.get("eval_perplexity")})
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._stop_tracking(state)
         self.train_seconds = time.perf_counter() - self._start - self.eval_seconds
         self.model, self.optimizer = model, optimizer
         if self.write_on_train_end:
@@ -81,7 +123,18 @@ class ReportCallback(TrainerCallback):
         model_mem = metrics.model_memory(self.model)
         state_bytes = metrics.optimizer_state_bytes(self.optimizer) if self.optimizer is not None else 0
         peak = metrics.peak_memory(args.device)
-        state_per_rank, peak_per_rank = _gather_ints([state_bytes, peak["peak_memory_bytes"]], args.device)
+        by_category = self.memory_by_category or {}
+        tracked = int(by_category.get("total", 0))
+        state_per_rank, peak_per_rank, tracked_per_rank, tracked_tokens = _gather_ints(
+            [state_bytes, peak["peak_memory_bytes"], tracked, self._tracking_tokens if by_category else 0],
+            args.device)
+        tracked_tokens = sum(tracked_tokens) if self.local_tokens else self.tokens_per_step or 0
+        seconds = self.train_seconds
+        if by_category and tracked_tokens and 0 < tracked_tokens < tokens and self.memory_tracking_seconds < seconds:
+            # throughput over the untracked steps (module docstring)
+            tokens_timed, seconds = tokens - tracked_tokens, seconds - self.memory_tracking_seconds
+        else:
+            tokens_timed = tokens
         steps = state.global_step - self._start_step
         optim = _optim_name(args.optim)
         report = {
@@ -96,12 +149,19 @@ class ReportCallback(TrainerCallback):
             "optimizer_state_bytes_per_rank": state_per_rank,
             **peak,
             "peak_memory_bytes_per_rank": peak_per_rank,
+            # the tracked tensor peak of one sampled step, by category (module docstring); None when not tracked
+            "tracked_peak_memory_bytes": tracked if by_category else None,
+            "tracked_peak_memory_bytes_per_rank": tracked_per_rank if by_category else None,
+            "peak_memory_by_category": {k: v for k, v in by_category.items() if k != "phase"} or None,
+            "peak_memory_phase": by_category.get("phase"),
+            "memory_tracked_step": self.memory_tracked_step,
+            "memory_tracking_seconds": round(self.memory_tracking_seconds, 3),
             "global_steps": state.global_step,
             # bytes this rank sent through memtrain's own collectives (sharded transforms; not FSDP's or DDP's)
             "optimizer_comm_bytes_per_step": sharding.comm_bytes() / steps if steps else 0.0,
             "train_tokens": tokens,
             "train_runtime_s": round(self.train_seconds, 3),
-            "tokens_per_second": tokens / self.train_seconds if self.train_seconds > 0 else None,
+            "tokens_per_second": tokens_timed / seconds if seconds > 0 else None,
             "train_loss": self.train_loss,
             "eval_loss": self.eval_metrics.get("eval_loss"),
             "eval_perplexity": self.eval_metrics.get("eval_perplexity"),
@@ -171,6 +231,14 @@ def format_report(report: dict[str, Any]) -> str:
         f"({report['optimizer_state_bytes_per_trainable_parameter']:.3f} B/param)",
         f"  weights / grads      {mib(report['weight_bytes'])} / {mib(report['gradient_bytes'])}",
         f"  peak memory          {mib(report['peak_memory_bytes'])} ({report['peak_memory_kind']})",
+    ]
+    by_category = report.get("peak_memory_by_category")
+    if by_category:
+        parts = ", ".join(f"{k} {by_category[k] / 2**20:,.1f}" for k in metrics.MEMORY_CATEGORIES if by_category[k])
+        lines.append(f"  tensor peak          {mib(report['tracked_peak_memory_bytes'])} in step "
+                     f"{report['memory_tracked_step']}'s {report['peak_memory_phase']}: {parts} MiB "
+                     f"(tracked in {report['memory_tracking_seconds']} s)")
+    lines += [
         f"  steps / tokens       {report['global_steps']} / {report['train_tokens']:,} in {report['train_runtime_s']} s "
         f"= {num(report['tokens_per_second'], ',.0f')} tokens/s",
         f"  train loss           {num(report['train_loss'], '.4f')}",
