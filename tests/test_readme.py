@@ -9,7 +9,7 @@ def test_readme_commands_match_ci():
     start = readme.index("```bash")
     main_cmd, test_cmd, end = readme[start + 1:start + 4]
     assert end == "```"
-    assert main_cmd.endswith("python scripts/pretrain.py")
+    assert main_cmd.endswith("&& memtrain pretrain")  # the installed command, not a checkout script
     assert "pytest" in test_cmd
     ci = (REPO / ".ci" / "run").read_text()
     steps = test_cmd.split(" && ")

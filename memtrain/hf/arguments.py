@@ -83,7 +83,7 @@ class TrainingArguments(transformers.TrainingArguments):
             )
 
     def _check_layerwise(self) -> None:
-        """Refuse what layer-wise release cannot do, before any training starts (galore.md §10.1)."""
+        """Refuse what layer-wise release cannot do, before any training starts (docs/layerwise.md, What it refuses)."""
         if self.max_grad_norm and self.max_grad_norm > 0:
             raise ValueError(f"{GLOBAL_CLIP_MESSAGE} (got max_grad_norm={self.max_grad_norm})")
         if engines.deepspeed_requested(self):

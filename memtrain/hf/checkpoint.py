@@ -28,6 +28,7 @@ from typing import Any
 
 from ..version import __version__
 from ..optim import registry
+from .engines import deepspeed_requested
 from .factory import _optim_name, is_memtrain_optimizer, optimizer_factory, optimizer_kwargs_from_args
 
 logger = logging.getLogger(__name__)
@@ -165,8 +166,9 @@ def check_files(checkpoint: str, args, record: dict | None) -> None:
         return
     needed = [("optimizer state", OPTIMIZER_FILES), ("lr scheduler state", (SCHEDULER_FILE,)),
               ("RNG state", (_rng_name(args),))]
-    if getattr(args, "deepspeed", None):
-        needed = needed[2:]  # DeepSpeed keeps optimizer and scheduler in its global_step*/ directory
+    if deepspeed_requested(args):  # DeepSpeed keeps optimizer and scheduler in its global_step*/ directory
+        needed = [("DeepSpeed engine state", tuple(p.name for p in directory.glob("global_step*")) or ("global_step*",)),
+                  *needed[2:]]
     for label, names in needed:
         if not any(_present(directory, n) for n in names):
             raise ResumeError(f"checkpoint {checkpoint}: the {label} ({' or '.join(names)}) is missing or empty, so "

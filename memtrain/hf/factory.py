@@ -74,7 +74,8 @@ def optimizer_kwargs_from_args(args: transformers.TrainingArguments) -> dict[str
     """lr, weight decay, betas and ε from TrainingArguments (when the optimizer takes them), then optim_args.
 
     A method whose own ε (or betas) default differs from HF's keeps it unless the user set the TrainingArguments
-    value: the GaLore family's ε is 1e-6 (galore.md §4), and HF's untouched adam_epsilon=1e-8 must not replace it.
+    value: the GaLore family's ε is 1e-6 (docs/optimizers/galore.md, Options), and HF's untouched adam_epsilon=1e-8 must
+    not replace it.
     """
     name = _optim_name(args.optim)
     accepted = registry.get_spec(name).options()

@@ -4,7 +4,7 @@ Memory is counted, not guessed: state bytes are summed from the storages of the 
 holds, and :class:`MemoryTracker` attributes every tensor a training step allocates to a category (parameters,
 gradients, optimizer state, activations, temporaries) and keeps the peak, on real or fake tensors (the latter is
 how ``memtrain estimate`` simulates models that do not fit this machine; docs/estimate.md). Perplexity is ``exp(Σ token NLL / N predicted tokens)`` over the whole eval set, with both sums taken
-in fp64 and added across ranks before the division (never a mean of batch means; benchmark.md §3.2).
+in fp64 and added across ranks before the division (never a mean of batch means; docs/getting-started.md, The report).
 """
 from __future__ import annotations
 
@@ -247,6 +247,16 @@ class MemoryTracker(_CategoryPeak, MemTracker):
         super().__init__()
         self._init_category_peak(optimizer)
         self.track_external(*(x for x in (model, optimizer) if x is not None))
+
+    def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+        # torch hooks every parameter's gradient, which fails on frozen ones (an adapter's base weights): hook the
+        # trainable parameters (gathered in a throwaway module, no copy), track the rest without hooks.
+        if install_grad_hooks and any(not p.requires_grad for p in module.parameters()):
+            trainable = torch.nn.Module()
+            trainable.params = torch.nn.ParameterList([p for p in module.parameters() if p.requires_grad])
+            super()._track_module_params_and_buffers(trainable, install_grad_hooks=True)
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+        return super()._track_module_params_and_buffers(module, install_grad_hooks)
 
 
 class FSDPMemoryTracker(_CategoryPeak, FSDPMemTracker):

@@ -1,7 +1,7 @@
 """LLaMA-style models built from named configs, or loaded from a saved directory or a Hugging Face Hub id.
 
 Named configs ship with the package in ``memtrain/configs/models/<name>.json``: ``llama-tiny`` (the CPU default), ``llama-20m`` and the standard benchmark sizes
-``llama-60m`` … ``llama-7b`` of the GaLore protocol (specs/benchmark.md §1): RMSNorm, SwiGLU, rotary
+``llama-60m`` … ``llama-7b`` of the GaLore protocol (GaLore, arXiv 2403.03507, App. C): RMSNorm, SwiGLU, rotary
 embeddings, untied head, no biases. ``--model`` also accepts a local directory written by ``save_pretrained``
 (its weights are loaded), a path to a config ``.json`` (randomly initialised), or a Hub model id such as
 ``HuggingFaceTB/SmolLM2-135M`` (its weights are loaded: downloaded when online, from the local cache when

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Derive SlimAdam compression rules from the second moment's signal-to-noise ratio (specs/slimadam.md §3).
+"""Derive SlimAdam compression rules from the second moment's signal-to-noise ratio (docs/optimizers/slimadam.md, The
+SNR rules tool).
 
 Runs plain AdamW (fp32 states) on a proxy model, measures for every ≥2-D parameter the SNR of its raw second moment
 along each candidate axis at regular steps, averages the SNRs over the measured steps after ``--skip_steps``, and

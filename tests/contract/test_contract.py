@@ -173,7 +173,8 @@ def _state_layout(opt):
 @pytest.mark.parametrize("name", NAMES)
 def test_zero_gradient_step_builds_the_whole_state(name):
     """Distributed checkpointing (FSDP2 resume through accelerate) builds its load template from one zero-gradient
-    lr=0 step of a fresh optimizer and restores only the entries that template has (README §2.8): every entry a
+    lr=0 step of a fresh optimizer and restores only the entries that template has (docs/registry-and-routing.md, State
+    rules): every entry a
     trained optimizer holds must exist after that step, with its shape and dtype, or resume silently loses it."""
     model = tiny_llama()
     trained = _build(name, model)

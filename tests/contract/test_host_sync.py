@@ -1,4 +1,4 @@
-"""No optimizer step reads a tensor value on the host (README §2.7).
+"""No optimizer step reads a tensor value on the host (docs/registry-and-routing.md, The base optimizer).
 
 A host sync in ``step()`` stalls a GPU once per parameter per step, and makes the step impossible to run on fake
 tensors (``FakeTensorMode``, which ``memtrain estimate`` uses to measure a real step's memory without memory).

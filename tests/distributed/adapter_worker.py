@@ -1,7 +1,7 @@
 """2-rank adapter parity worker: run under ``torchrun --nproc_per_node 2``.
 
 For every adapter case, K steps of a tiny LLaMA with PEFT LoRA on 2 ranks (DDP, and FSDP2 with block-level units:
-``fully_shard`` on the decoder layers and the root, so each LoRA layer lies inside one unit, specs/README.md §2.7)
+``fully_shard`` on the decoder layers and the root, so each LoRA layer lies inside one unit, docs/distributed.md)
 are compared with 1 process on the full global batch. Rank 0 writes one JSON result per (case, engine).
 """
 import argparse

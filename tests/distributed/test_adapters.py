@@ -33,7 +33,8 @@ def test_adapter_two_ranks_equal_one_rank(results, case, engine):
 
 
 def test_lorapro_fsdp2_communicates_only_factor_sized_tensors(results):
-    """specs/lorapro.md §7, counted: per pair and step A and ∇A are all-gathered (2·r·n fp32), the r×r Gram BᵀB and
+    """docs/adapters/lorapro.md, Distributed, counted: per pair and step A and ∇A are all-gathered (2·r·n fp32), the r×r
+    Gram BᵀB and
     each adjustment's Bᵀb are all-reduced in fp64 (8·r² bytes each), and full mode all-reduces BᵀU (r·n fp32).
     Never an m×n tensor. The worker adapts q_proj, v_proj (n = 32) and down_proj (n = 48) of 2 layers at r = 4
     for 4 steps."""

@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ZERO = [n for n in optimizer_names() if get_spec(n).deepspeed]
 REFUSED = [n for n in optimizer_names() if not get_spec(n).deepspeed]
 #: ZeRO hands adam4bit flat partitions: its 4-bit blocks follow the partition and the rank-1 second moment falls
-#: back to blocks (adam4bit.md §7), so it tracks, not equals, the unsharded run (measured: 3.1e-4 on ZeRO-2/3).
+#: back to blocks (docs/optimizers/adam4bit.md, Distributed), so it tracks, not equals, the unsharded run (measured:
+#: 3.1e-4 on ZeRO-2/3).
 TOLERANCE = {"adam4bit": 2e-3}
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,

@@ -197,8 +197,8 @@ def test_fresh_optimizer_resume_keeps_weights_and_the_schedule_position(checkpoi
 
 
 # -- 3. one non-finite policy ----------------------------------------------------------------------------------
-#: Methods that have no state yet to project a non-finite first gradient into skip that parameter's first step
-#: (galore.md §2.1: the subspace is retried at the next step). docs/nonfinite.md lists them.
+#: Methods whose first step is a projector refresh that a non-finite gradient cannot define: the matrix keeps its zero
+#: projector and makes no update until its next scheduled refresh (docs/nonfinite.md, docs/optimizers/galore.md).
 FIRST_STEP_SKIP = {"galore", "fira"}
 TARGET, VECTOR = "model.layers.0.mlp.up_proj.weight", "model.norm.weight"
 

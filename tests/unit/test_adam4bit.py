@@ -137,7 +137,8 @@ def _nearest(z, table):
 
 
 def _naive_adam4bit(w, grads, lr, wd, betas=(0.9, 0.999), eps=1e-8):
-    """Straightforward transcription of specs/adam4bit.md §2 for one [m, n] tensor (rank-1 v, n % 128 == 0).
+    """Straightforward transcription of docs/optimizers/adam4bit.md, Design, for one [m, n] tensor (rank-1 v, n % 128 ==
+    0).
 
     The second moment uses torch AdamW's ``β2·V + (1−β2)·G²`` (memtrain's shared AdamW kernel) rather than the
     spec's lerp (they differ by an ulp)."""

@@ -1,5 +1,6 @@
 """adam4bit on FSDP2 row blocks, without torchrun: 2 and 3 simulated ranks (tests/unit/thread_rows.py) update their
-rows with the method's collectives and must equal one unsharded optimizer **bitwise** (specs/adam4bit.md §7, §10.10:
+rows with the method's collectives and must equal one unsharded optimizer **bitwise** (docs/optimizers/adam4bit.md,
+Distributed:
 row-aligned blocks are local, the rank-1 column maxima come from a MAX all-reduce, which is exact). Per-rank codes
 and scales are kept as ``Shard(0)`` state whose global shape splits back into the ranks' parts; ``v_col`` is
 replicated; the ranks' state bytes add up to the unsharded bytes plus the replicated copies. ZeRO's flat partitions
@@ -98,7 +99,8 @@ def test_rank1_column_maxima_need_the_all_reduce():
 
 
 def test_1d_shards_off_the_block_grid_differ_slightly_and_stay_consistent():
-    """A 1-D tensor's shard is encoded in flat blocks of its own (§7): 9 elements on 2 ranks (5/4) start the second
+    """A 1-D tensor's shard is encoded in flat blocks of its own (docs/optimizers/adam4bit.md, Distributed): 9 elements
+    on 2 ranks (5/4) start the second
     shard at 5, not a multiple of 4, so its blocks differ from the unsharded ones: close, not bitwise. The kept
     codes (3 + 2 bytes) and scales (2 + 1) still form Shard(0) tensors of 5 and 3 entries."""
     gen = torch.Generator().manual_seed(0)
@@ -128,7 +130,7 @@ def test_1d_shards_off_the_block_grid_differ_slightly_and_stay_consistent():
 
 def test_flat_partition_of_a_matrix_gets_block_v_and_one_warning(monkeypatch):
     """DeepSpeed ZeRO hands the optimizer one flat 1-D partition per param group, roles kept: rank-1 v needs rows and
-    columns, so such a partition gets block v (§7) and the process is told once."""
+    columns, so such a partition gets block v (docs/optimizers/adam4bit.md, Distributed) and the process is told once."""
     monkeypatch.setattr(adam4bit, "_warned", set())
     flat = [torch.nn.Parameter(torch.randn(4096)) for _ in range(3)]
     opt = Adam4bit([{"params": flat[:1], "role": "matrix", "names": ["model.layers.0.mlp.up_proj.weight"]},

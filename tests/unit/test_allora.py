@@ -1,4 +1,4 @@
-"""ALLoRA (specs/allora.md §10): backward formulas vs independent math, guards, merge, save/load, autocast,
+"""ALLoRA (docs/adapters/allora.md): backward formulas vs independent math, guards, merge, save/load, autocast,
 the factor_rows reading, resume."""
 import pytest
 import torch

@@ -1,6 +1,7 @@
 """scale, adafactor and slimadam on FSDP2 row blocks, without torchrun: 3 simulated ranks (tests/unit/thread_rows.py)
 update their rows of each parameter with the method's collectives; the joined result must equal one unsharded
-optimizer, the state must be placed as the specs' §7 say (per-rank rows via ``Rows.keep``, replicated statistics as
+optimizer, the state must be placed as the pages' Distributed sections say (per-rank rows via ``Rows.keep``, replicated
+statistics as
 plain tensors bitwise identical on every rank), and an empty shard (a rank with 0 rows) must work.
 
 Shapes are chosen for 3 ranks (torch.chunk split): 7 rows -> 3/3/1, 5 -> 2/2/1, 4 -> 2/2/0 (an empty shard),

@@ -73,7 +73,7 @@ def test_non_owned_roles_follow_the_fallback_method_alone_bitwise(fallback, meth
                                                                if method == "galore" else f"fallback={fallback}"))
     for name, p in alone_model.named_parameters():
         p.requires_grad_(name not in owned)
-    # the group's betas/ε are the method's fallback options: GaLore's ε is 1e-6 (galore.md §4)
+    # the group's betas/ε are the method's fallback options: GaLore's ε is 1e-6 (docs/optimizers/galore.md, Options)
     same_eps = {"eps": opt.param_groups[0]["eps"]} if fallback == "adam4bit" else {}
     alone = memtrain.build_optimizer(alone_model, fallback, lr=LR, weight_decay=WD, **same_eps)
     gen = torch.Generator().manual_seed(0)

@@ -1,5 +1,6 @@
 """GaLore and Fira: independent re-implementations, identity / rotated-coordinate equivalences, the official
-packages, the guards, state bytes and resume across a projector refresh (specs/galore.md §11, fira.md §10)."""
+packages, the guards, state bytes and resume across a projector refresh (docs/optimizers/galore.md and fira.md,
+Verified)."""
 import io
 import math
 
@@ -34,7 +35,8 @@ def run(opt_cls_or_factory, w0, gs, **kw):
 
 # -- an independent, straightforward transcription of the specs' pseudocode ---------------------------------
 def reference(w0, gs, *, lr, rank, gap, alpha, wd=0.0, eps=1e-6, fira=None, gamma=1.01):
-    """galore.md §2.1 and fira.md §2 line by line, fp64 for clarity; ``fira`` is None, "code" or "paper"."""
+    """docs/optimizers/galore.md and fira.md, Update, line by line, fp64 for clarity; ``fira`` is None, "code" or
+    "paper"."""
     W = w0.double().clone()
     m, n = W.shape
     side = 0 if m >= n else 1
@@ -162,7 +164,7 @@ def test_svd_basis_equals_adamw_hf_in_rotated_coordinates(shape):
         X = adamw_hf_reference(P.T @ w0, [P.T @ g for g in gs], lr=1e-2)
         want = P @ X
     assert (got - want).abs().max() <= 1e-5
-    # Adam is not rotation-equivariant: in the original coordinates the two differ (galore.md §11.2)
+    # Adam is not rotation-equivariant: in the original coordinates the two differ (docs/optimizers/galore.md, Verified)
     assert (got - adamw_hf_reference(w0, gs, lr=1e-2)).abs().max() > 1e-2
 
 
@@ -313,7 +315,7 @@ def test_fira_limiter():
 
 
 def test_fira_zero_residual_does_not_freeze_the_limiter():
-    """An all-zero G at step 5 stores a zero norm; step 6 must be unlimited (fira.md §10.5)."""
+    """An all-zero G at step 5 stores a zero norm; step 6 must be unlimited (docs/optimizers/fira.md, Update)."""
     w = torch.nn.Parameter(torch.randn(64, 32))
     opt = Fira([w], lr=1e-2, rank=8, update_proj_gap=100)
     gs = grads((64, 32), 6)

@@ -1,7 +1,9 @@
-"""galore and fira on FSDP2 row blocks, without torchrun (galore.md §7, fira.md §7): 2 and 3 simulated ranks
+"""galore and fira on FSDP2 row blocks, without torchrun (docs/optimizers/galore.md and fira.md, Distributed): 2 and 3
+simulated ranks
 (tests/unit/thread_rows.py) update their rows of each parameter with the method's collectives, over steps with two
 projector refreshes (``update_proj_gap=2``: step counts 0 and 2). The joined result must equal one unsharded
-optimizer with the same solver; the state must be placed as §7 says: side 0 (m ≥ n) keeps P ``[r, n]`` replicated
+optimizer with the same solver; the state must be placed as docs/optimizers/galore.md, Distributed, says: side 0 (m ≥ n)
+keeps P ``[r, n]`` replicated
 and the moments ``[m_k, r]`` sharded, side 1 (m < n) keeps P ``[m_k, r]`` sharded and the moments ``[r, n]``
 replicated; Fira's ``prev_residual_norm`` is replicated. Every rank must enter the same collectives (run_ranks),
 including ranks with no rows.
@@ -125,7 +127,7 @@ def test_collectives_per_side_and_the_solver_runs_on_the_owner_only(method, solv
 
 
 def test_state_dict_of_the_row_blocks():
-    """Each rank's state_dict holds its part with the §7 shapes and loads back with weights_only=True (the
+    """Each rank's state_dict holds its part with the documented shapes and loads back with weights_only=True (the
     real run wraps the sharded tensors as Shard(0) DTensors of the global shape; parity_worker checks the bytes)."""
     ranks = check_sharded(lambda g: METHODS["fira-code"](g), SHAPES, ROLES, replicated("fira-code"), world=3)
     names = list(SHAPES)
@@ -151,7 +153,8 @@ def test_state_dict_of_the_row_blocks():
 
 @pytest.mark.filterwarnings("ignore:galore. (non-finite|all-zero) gradient")
 def test_the_refresh_decision_is_global():
-    """A refresh keeps P only if the WHOLE G is non-finite or all zero (README §2.7): rank 0's rows of the first
+    """A refresh keeps P only if the WHOLE G is non-finite or all zero (docs/distributed.md, Rules every sharded update
+    follows): rank 0's rows of the first
     gradient are all zero (a local test would skip the refresh there while rank 1 gathers G and hangs), and
     the third gradient (a refresh step) has a NaN in rank 1's rows only, so every rank keeps the old P."""
     gen = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""GradNormLoRP (specs/gradnormlorp.md §10): DoRA parity, exact weight-norm gradient vs direct autograd, identity
+"""GradNormLoRP (docs/adapters/gradnormlorp.md): DoRA parity, exact weight-norm gradient vs direct autograd, identity
 at init, merge, save/load (also as vanilla PEFT DoRA), the projected optimizer vs independent math, state bytes,
 wiring checks, resume."""
 import pytest
@@ -100,7 +100,8 @@ def test_bf16_base_magnitude_is_fp32_row_norm():
 
 
 def independent_projected_adam(p, grads, lr, rank, gap, alpha, b1=0.9, b2=0.999, eps=1e-6, wd=0.0):
-    """galore.md §2.1 written out: refresh at step 0, T, ... (and once more at step 1 if step 0 found no subspace);
+    """docs/optimizers/galore.md, Update, written out: refresh at step 0, T, ... (and once more at step 1 if step 0
+    found no subspace);
     a zero-gradient refresh keeps P, and with no P yet the step changes nothing (but it counts)."""
     P, mom, var, t = None, None, None, 0
     p = p.clone()
@@ -162,7 +163,7 @@ def test_state_bytes_formula_and_low_rank_projection():
         opt = create_gradnormlorp_optimizer(model, lr=1e-3, proj_rank=4)
     train_steps(model, opt, 0, 2)
     assert optimizer_state_bytes(opt) == gradnormlorp_state_bytes(model, proj_rank=4)
-    # spec §10.6: r = 8, r_p = 4, a 64×64 layer gives A: 4·(2·4·64 + 8·4), B: 4·(2·64·4 + 4·8)
+    # worked out: r = 8, r_p = 4, a 64×64 layer gives A: 4·(2·4·64 + 8·4), B: 4·(2·64·4 + 4·8)
     torch.manual_seed(0)
     toy_model = get_peft_model(Toy(64, 64), gradnormlorp_config(8, 16, ["lin"]))
     assert gradnormlorp_state_bytes(toy_model, 4) == 4 * (2 * 4 * 64 + 8 * 4) + 4 * (2 * 64 * 4 + 4 * 8) + 8 * 64

@@ -1,6 +1,6 @@
 """Layer-wise gradient release: equal to the standard loop for every registered optimizer (table-driven, so
 optimizers added later are covered), with gradient accumulation, per-parameter clipping, a real state_dict,
-and peak gradient memory of one parameter's gradient (specs/galore.md §10)."""
+and peak gradient memory of one parameter's gradient (docs/layerwise.md)."""
 import io
 
 import pytest

@@ -1,4 +1,4 @@
-"""LoRA-Pro (specs/lorapro.md §10): closed form vs independent math, the optimizer step vs an independent
+"""LoRA-Pro (docs/adapters/lorapro.md): closed form vs independent math, the optimizer step vs an independent
 re-implementation, equivalent-gradient quality, pairing/scaling/refusals, state bytes, resume."""
 import pytest
 import torch
@@ -83,7 +83,7 @@ def test_sylvester_x_stays_closest_to_the_lora_gradients():
 
 
 def test_fp32_factors_keep_fp64_accuracy_of_the_rxr_algebra():
-    """§10.14: an ill-conditioned B (cond(BᵀB) ≈ 4e6) in fp32 still gives ΔA within 1e-3 of fp64."""
+    """An ill-conditioned B (cond(BᵀB) ≈ 4e6) in fp32 still gives ΔA within 1e-3 of fp64."""
     m, n, r, s = 2048, 1024, 8, 2.0
     torch.manual_seed(0)
     B = 0.05 * torch.randn(m, r)
@@ -259,7 +259,7 @@ def test_merged_model_equals_adapter_model():
 
 @pytest.mark.parametrize("adapter", ["lorapro", "allora", "gradnormlorp"])
 def test_trainer_factory_route_uses_the_given_lr_and_weight_decay(tmp_path, adapter):
-    """specs/lorapro.md §10.9: HF Trainer calls the factory with the model only, so lr/wd are explicit."""
+    """docs/adapters/lorapro.md, Use: HF Trainer calls the factory with the model only, so lr/wd are explicit."""
     import functools
 
     from memtrain import Trainer, TrainingArguments

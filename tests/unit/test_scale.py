@@ -1,4 +1,5 @@
-"""``scale`` (specs/scale.md): steps equal a transcription of §2 on a real LLaMA (schedule coupling included), the
+"""``scale`` (docs/optimizers/scale.md): steps equal a transcription of its Update on a real LLaMA (schedule coupling
+included), the
 head momentum, state bytes, and the tied embedding/head decision."""
 import copy
 
@@ -13,7 +14,7 @@ from ..conftest import lm_batch, tiny_llama
 
 
 def spec_llama(tied=False):
-    """scale.md §10.2: 2 layers, vocab 100, hidden 32, intermediate 64, 4 heads, untied."""
+    """A small LLaMA: 2 layers, vocab 100, hidden 32, intermediate 64, 4 heads, untied."""
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                         num_hidden_layers=2, tie_word_embeddings=tied, use_cache=False))
@@ -31,7 +32,7 @@ def normalize(x, dim):
 
 def test_steps_equal_the_spec_transcription_with_the_schedule():
     lr, adam_lr, beta, wd = 1e-3, 2e-2, 0.9, 0.1
-    factors = [1.0, 0.5, 0.25]  # a schedule: the vector AdamW must follow it (scale.md §10.3)
+    factors = [1.0, 0.5, 0.25]  # a schedule: the vector AdamW must follow it (docs/optimizers/scale.md, Update)
     model = spec_llama()
     ref = copy.deepcopy(model)
     opt = memtrain.build_optimizer(model, "scale", lr=lr, weight_decay=wd, adam_lr=adam_lr, momentum=beta)

@@ -1,4 +1,5 @@
-"""``sinkgd`` (specs/sinkgd.md): steps equal a straight transcription of the spec, no state on matrices, options."""
+"""``sinkgd`` (docs/optimizers/sinkgd.md): steps equal a straight transcription of its Update, no state on matrices,
+options."""
 import copy
 
 import pytest
@@ -11,7 +12,7 @@ from ..conftest import lm_batch, tiny_llama
 
 
 def spec_sinkgd_direction(g, iterations=5, eps=1e-8):
-    """sinkgd.md §2 written out: rows to RMS 1, then columns to RMS 1, L times."""
+    """docs/optimizers/sinkgd.md, Update, written out: rows to RMS 1, then columns to RMS 1, L times."""
     x = g.clone()
     for _ in range(iterations):
         x = x / torch.clamp(torch.sqrt(torch.mean(x**2, dim=1, keepdim=True)), min=eps)

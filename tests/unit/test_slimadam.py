@@ -27,7 +27,7 @@ def _one_thread():
 
 
 class Toy(nn.Module):
-    """specs/slimadam.md §10.1's toy: embedding, q/v projections, a norm and an untied head."""
+    """The toy model of docs/optimizers/slimadam.md, Tests: embedding, q/v projections, a norm and an untied head."""
 
     def __init__(self, bias=False):
         super().__init__()
@@ -74,7 +74,7 @@ def test_uncompressed_equals_torch_adamw_bitwise():
 
 
 def _transcription(model, steps, rules, lr, betas, eps, wd):
-    """specs/slimadam.md §2 written out with plain tensor ops (no memtrain helpers)."""
+    """docs/optimizers/slimadam.md, Update, written out with plain tensor ops (no memtrain helpers)."""
     b1, b2 = betas
     state = {}
     for t in range(1, steps + 1):

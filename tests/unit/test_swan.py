@@ -1,4 +1,5 @@
-"""``swan`` (specs/swan.md): steps equal a straight transcription of the spec, no state on matrices, options."""
+"""``swan`` (docs/optimizers/swan.md): steps equal a straight transcription of its Update, no state on matrices,
+options."""
 import pytest
 import torch
 
@@ -9,7 +10,7 @@ from ..conftest import lm_batch, tiny_llama
 
 
 def spec_swan_direction(g, k=10, damping=1e-6):
-    """swan.md §2.1–2.3 written out directly, in fp32 (the rescale's norm in fp64)."""
+    """docs/optimizers/swan.md, Update steps 1–3, written out directly, in fp32 (the rescale's norm in fp64)."""
     m, n = g.shape
     x = g - g.mean(dim=1, keepdim=True)
     sigma = torch.sqrt(torch.mean(x * x, dim=1, keepdim=True))
@@ -72,7 +73,7 @@ def test_conv1d_layout_is_the_transposed_linear_update():
                                     {"params": [conv], "role": "matrix", "layout": "conv1d"}], "swan", lr=0.1)
     linear.grad, conv.grad = g.clone(), g.T.contiguous()
     opt.step()
-    # transposed products round differently: compare at swan.md §10.3's 1e-4 relative bound on Δ
+    # transposed products round differently: compare at a 1e-4 relative bound on Δ (fp32's same-iteration precision)
     torch.testing.assert_close(conv.detach().T, linear.detach(), rtol=1e-6, atol=0.1 * 1e-4)
     torch.testing.assert_close(linear.detach(), w - 0.1 * spec_swan_direction(g), rtol=1e-6, atol=0.1 * 1e-4)
 

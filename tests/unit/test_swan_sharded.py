@@ -1,4 +1,5 @@
-"""``swan`` on FSDP2 row shards without torchrun (specs/swan.md §7, §10.8): :class:`ThreadRows` runs each rank's
+"""``swan`` on FSDP2 row shards without torchrun (docs/optimizers/swan.md, Distributed): :class:`ThreadRows` runs each
+rank's
 rows in its own thread and implements the collectives by exchanging tensors, so the sharded code path (Gram
 all-reduce, owner-rank inverse root + broadcast, all-gather on the left side, fp64 norm all-reduce) is checked
 against the unsharded direction in a fraction of a second."""
@@ -68,7 +69,7 @@ def test_two_row_blocks_equal_the_whole_matrix(make, shape, norm_dim):
     whole = swan_direction(g, unsharded(g), norm_dim=norm_dim)
     for owner in (0, 1):
         delta, comms, solvers, broadcasts = sharded_direction(g, owner=owner, norm_dim=norm_dim)
-        assert rel(delta, whole) < 1e-5  # swan.md §10.8 (gauss, hetero)
+        assert rel(delta, whole) < 1e-5  # docs/optimizers/swan.md, Distributed (gauss, hetero)
         assert solvers == [owner]  # Z is computed once, on the matrix's owner rank ...
         assert torch.equal(broadcasts[0][0], broadcasts[1][0])  # ... and every rank applies the same bits
         m, n = shape
@@ -80,7 +81,8 @@ def test_two_row_blocks_equal_the_whole_matrix(make, shape, norm_dim):
 
 
 def test_low_rank_right_side_within_the_documented_tolerance():
-    # swan.md §10.8: the per-rank Gram sum changes the fp32 rounding, which Newton–Schulz amplifies on
+    # docs/optimizers/swan.md, Distributed: the per-rank Gram sum changes the fp32 rounding, which Newton–Schulz
+    # amplifies on
     # ill-conditioned inputs: 1e-4 for low-rank gradients (measured here ~1e-5).
     for shape in [(64, 32), (33, 20)]:
         g = lowrank(*shape)

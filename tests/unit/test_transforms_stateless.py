@@ -1,7 +1,8 @@
-"""The stateless matrix transforms (SWAN, SinkGD, SCALE) against closed forms and fp64, with the matrices and
-tolerances of the Verification sections of specs/swan.md §10, sinkgd.md §10 and scale.md §10.
+"""The stateless matrix transforms (SWAN, SinkGD, SCALE) against closed forms and fp64, with fixed test
+matrices (heterogeneous row and column scales, low rank plus noise, Gaussian) and per-check tolerances.
 
-RMS and Frobenius checks are evaluated in fp64 (specs/README.md §2.3). The fp64 references here are written out
+RMS and Frobenius checks are evaluated in fp64 (docs/registry-and-routing.md, Precision). The fp64 references here are
+written out
 independently of memtrain's code.
 """
 import pytest
@@ -12,7 +13,7 @@ from memtrain.optim.swan import newton_schulz_inv_sqrt, standardize, unit_rms, w
 from memtrain.optim.transforms import SCALE, adam_, rms_normalize
 
 
-# -- the spec's test matrices (swan.md §10), fp32 on CPU ------------------------------------------------------
+# -- test matrices (heterogeneous row/column scales, low rank plus noise, Gaussian), fp32 on CPU --------------
 def hetero(m, n):
     torch.manual_seed(0)
     return torch.randn(m, n) * (torch.rand(m, 1) ** 3 + 1e-3) * (torch.rand(1, n) ** 2 + 1e-3)
@@ -53,14 +54,15 @@ def rescale64(d):
 
 
 def exact_polar(g):
-    """swan.md §10: GradNorm in fp64, SVD, singular values > 1e-10·σ_max, U·Vᵀ rescaled to √(mn)/‖·‖_F."""
+    """The exact polar factor: GradNorm in fp64, SVD, singular values > 1e-10·σ_max, U·Vᵀ rescaled to √(mn)/‖·‖_F."""
     u, s, vh = torch.linalg.svd(gradnorm64(g), full_matrices=False)
     keep = s > 1e-10 * s.max()
     return rescale64(u[:, keep] @ vh[keep])
 
 
 def damped_gram64(x):
-    """A' of swan.md §2.2 in fp64 (right side deflated), and whether the right side is used."""
+    """A' of docs/optimizers/swan.md, Update step 2, in fp64 (right side deflated), and whether the right side is
+    used."""
     m, n = x.shape
     right = m >= n
     a = x.T @ x if right else x @ x.T
@@ -91,7 +93,7 @@ def damped_target64(g):
     return rescale64(x @ inv_sqrt if right else inv_sqrt @ x)
 
 
-# -- SWAN GradNorm (swan.md §10.1) --------------------------------------------------------------------------
+# -- SWAN GradNorm (docs/optimizers/swan.md, Update step 1) -------------------------------------------------
 def test_gradnorm_rows_have_mean_zero_and_unit_population_std():
     g = hetero(256, 688)
     x = standardize(g).double()
@@ -135,7 +137,7 @@ def test_all_zero_gradient_gives_zero_without_nan():
         assert torch.equal(unit_rms(white), torch.zeros(shape))
 
 
-# -- SWAN GradWhitening (swan.md §10.2–10.6) ----------------------------------------------------------------
+# -- SWAN GradWhitening (docs/optimizers/swan.md, Update step 2) --------------------------------------------
 def test_newton_schulz_inverse_square_root_of_a_well_conditioned_matrix():
     torch.manual_seed(4)
     b = torch.randn(24, 24, dtype=torch.float64)
@@ -248,7 +250,7 @@ def test_unit_rms_rescales_and_keeps_zero():
     assert torch.equal(unit_rms(torch.zeros(3, 4)), torch.zeros(3, 4))
 
 
-# -- SinkGD (sinkgd.md §10) ---------------------------------------------------------------------------------
+# -- SinkGD (docs/optimizers/sinkgd.md) ---------------------------------------------------------------------
 def test_sinkhorn_fixed_point_at_five_iterations():
     x = sinkhorn(hetero(256, 688), iterations=5)
     assert (rms(x, dim=1) - 1).abs().max() < 1e-3
@@ -287,7 +289,7 @@ def test_sinkhorn_keeps_zero_rows_and_columns():
     assert torch.equal(sinkhorn(torch.zeros(5, 6)), torch.zeros(5, 6))
 
 
-# -- SCALE (scale.md §10.1, §10.5) --------------------------------------------------------------------------
+# -- SCALE row/column RMS and scale invariance (docs/optimizers/scale.md) -----------------------------------
 def test_rms_normalize_rows_and_columns():
     g = hetero(256, 688)
     rows = rms_normalize(g, dim=1)
