@@ -290,10 +290,13 @@ def recipe_candidates() -> list[tuple[str, str]]:
     of the roles they do not own), each low-memory fallback it accepts."""
     import typing
 
+    from .optim.routing import ROLES
+
     out = [(name, "") for name in registry.optimizer_names()]
     for name in registry.optimizer_names():
-        types = registry.get_spec(name).option_types()
-        if "fallback" in types:
+        spec = registry.get_spec(name)
+        types = {**spec.option_types(), **registry.UNIVERSAL_OPTIONS}  # fallback= is universal (optim/registry.py)
+        if "fallback" in types and spec.owns and not set(ROLES) <= spec.owns:  # a method that leaves roles over
             choices = [c for c in typing.get_args(types["fallback"]) if isinstance(c, str)] or LOW_MEMORY_FALLBACKS
             out += [(name, f"fallback={c}") for c in choices if c in LOW_MEMORY_FALLBACKS]
     return out
