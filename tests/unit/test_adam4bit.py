@@ -1,7 +1,6 @@
 """adam4bit: the 4-bit codecs (tables, quantiser, bounds, packing), the step against an independent transcription
 and torchao, exact state bytes, bit-exact weights_only resume with uint8 codes, and tracking fp32 AdamW."""
 import copy
-import io
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from memtrain.hf.metrics import optimizer_state_bytes
 from memtrain.optim.quant4 import (BlockCodec, Rank1Codec, linear_table, pack, quantize, rounding_thresholds,
                                   signed_de_table, unpack)
 
-from ..conftest import lm_batch, tiny_llama
+from ..conftest import checkpoint_roundtrip, lm_batch, tiny_llama
 
 try:
     import torchao.optim.quant_utils as ao_quant
@@ -266,10 +265,7 @@ def test_weights_only_resume_is_bitwise_and_keeps_uint8_codes(dtype):
     model = tiny_llama(dtype=dtype)
     opt = memtrain.build_optimizer(model, "adam4bit", **kw)
     steps(model, opt, 0, 3)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
+    ckpt = checkpoint_roundtrip(model, opt)
     resumed_model = tiny_llama(seed=5, dtype=dtype)
     resumed_model.load_state_dict(ckpt["model"])
     resumed = memtrain.build_optimizer(resumed_model, "adam4bit", **kw)

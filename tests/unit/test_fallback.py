@@ -4,7 +4,6 @@
 updates, so the non-owned parameters of e.g. ``swan`` must follow exactly the trajectory (and hold exactly the
 state) of ``adam4bit`` / ``adafactor`` run on those parameters alone.
 """
-import io
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import memtrain
 from memtrain.hf.metrics import optimizer_state_bytes
 from memtrain.optim.swan import SWAN
 
-from ..conftest import lm_batch
+from ..conftest import checkpoint_roundtrip, lm_batch
 from .test_distributed_scale_adafactor_slimadam import check_sharded
 
 LR, WD = 1e-2, 0.1
@@ -120,10 +119,7 @@ def test_checkpoint_round_trip_is_bitwise(fallback):
     model = llama()
     opt = build(model)
     steps(model, opt, 0, 3)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
+    ckpt = checkpoint_roundtrip(model, opt)
     resumed_model = llama(seed=1)
     resumed_model.load_state_dict(ckpt["model"])
     resumed = build(resumed_model)

@@ -1,7 +1,6 @@
 """GaLore and Fira: independent re-implementations, identity / rotated-coordinate equivalences, the official
 packages, the guards, state bytes and resume across a projector refresh (docs/optimizers/galore.md and fira.md,
 Verified)."""
-import io
 import math
 
 import pytest
@@ -13,7 +12,7 @@ from memtrain.optim import fira as fira_module, galore as galore_module, transfo
 from memtrain.optim.fira import Fira
 from memtrain.optim.galore import GaLore
 
-from ..conftest import lm_batch, tiny_llama
+from ..conftest import checkpoint_roundtrip, lm_batch, tiny_llama
 
 SHAPES = [(64, 32), (32, 64)]
 B1, B2 = 0.9, 0.999
@@ -371,10 +370,7 @@ def test_resume_across_a_refresh_is_bitwise(name, options, dtype):
     model = tiny_llama(dtype=dtype)
     opt = build(model)
     steps(model, opt, 0, 3)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
+    ckpt = checkpoint_roundtrip(model, opt)
     resumed_model = tiny_llama(seed=5, dtype=dtype)
     resumed_model.load_state_dict(ckpt["model"])
     resumed = build(resumed_model)

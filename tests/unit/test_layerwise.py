@@ -1,7 +1,6 @@
 """Layer-wise gradient release: equal to the standard loop for every registered optimizer (table-driven, so
 optimizers added later are covered), with gradient accumulation, per-parameter clipping, a real state_dict,
 and peak gradient memory of one parameter's gradient (docs/layerwise.md)."""
-import io
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import memtrain
 from memtrain.optim.adamw import AdamW
 from memtrain.optim.layerwise import LayerwiseOptimizer
 
-from ..conftest import lm_batch, tiny_llama
+from ..conftest import checkpoint_roundtrip, lm_batch, tiny_llama
 
 NAMES = memtrain.optimizer_names()
 
@@ -129,10 +128,7 @@ def test_peak_gradient_memory_is_one_parameter(name):
 def test_state_dict_round_trip_resumes_bitwise():
     ref_model, _ = _train("galore", layerwise=True, accumulation=1, steps=6)
     model, opt = _train("galore", layerwise=True, accumulation=1, steps=3)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
+    ckpt = checkpoint_roundtrip(model, opt)
     resumed_model = tiny_llama(seed=9)
     resumed_model.load_state_dict(ckpt["model"])
     resumed = memtrain.build_optimizer(resumed_model, "galore", lr=1e-2, weight_decay=0.01, layerwise=True)
