@@ -40,13 +40,17 @@ from torch.optim import Optimizer
 from .routing import ROLES
 from .capabilities import method_refusal
 from .sharding import Rows, local, unsharded
-from .transforms import TORCH, AdamConvention, adam_
+from .transforms import TORCH, AdamConvention, adam_, descend_
 
 FALLBACK = "adamw"
 #: The methods ``fallback=`` may name for the roles a method does not own (:meth:`MemtrainOptimizer.use_fallback`):
 #: name -> "module:Class" under memtrain.optim (adamw: this base's own AdamW).
 FALLBACKS = {"adamw": "", "adam4bit": "adam4bit:Adam4bit", "adafactor": "adafactor:Adafactor"}
 SHAPED_ROLES = ("matrix", "embedding", "head")
+#: Most elements a batched update stacks at once (2**25: 128 MiB per fp32 temporary), so that batching the
+#: thirty-odd same-shape matrices of a large model does not multiply the step's temporary memory; at that size a
+#: matrix's own work dwarfs the per-matrix overhead that batching removes.
+BATCH_ELEMENTS = 2**25
 
 
 def _check_hyper(name: str, value, *, positive: bool = False) -> None:
@@ -146,6 +150,9 @@ class MemtrainOptimizer(Optimizer):
     #: Preset option values (a method's hyperparameter table) passed unless the user overrides them; never ``lr``.
     #: (Not called ``defaults``: torch's ``Optimizer.defaults`` is the instance's dict of group defaults.)
     presets: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    #: ``step()`` hands the owned, unsharded same-shape matrices of a group to :meth:`update_batch` together
+    #: (docs/registry-and-routing.md, "Batched matrix updates"); only stateless methods set it.
+    batched: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -251,6 +258,18 @@ class MemtrainOptimizer(Optimizer):
         rows is stored with ``rows.keep()`` and read with ``sharding.local()``."""
         raise NotImplementedError(f"{type(self).__name__} owns roles {sorted(self.owns)} but has no update()")
 
+    def update_batch(self, params: list[Tensor], grads: list[Tensor], group: dict) -> None:
+        """Update same-shape, unsharded ``[out, in]`` matrices of an owned role at once, with the same result as
+        :meth:`update` on each (within the method's documented tolerance): ``batched`` methods only."""
+        raise NotImplementedError(f"{type(self).__name__} sets batched but has no update_batch()")
+
+    @staticmethod
+    def descend_each(params: list[Tensor], deltas: Tensor, group: dict) -> None:
+        """``W ← W·(1 − η·λ) − η·Δ`` for each parameter and its row of the stacked directions ``deltas``."""
+        for param, delta in zip(params, deltas):
+            with fp32_view(param) as p32:
+                descend_(p32, delta, lr=group["lr"], weight_decay=group["weight_decay"])
+
     def adamw_update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
         """The AdamW-T fallback for roles the method does not own (and the whole of ``adamw``)."""
         self.adam_step(param, grad, state, group, TORCH, rows)
@@ -335,10 +354,37 @@ class MemtrainOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            batches: dict[tuple, list[int]] = {}
             for index, param in enumerate(group["params"]):
-                if param.grad is not None:  # None: skipped, no state, no counter (docs/registry-and-routing.md)
+                if param.grad is None:  # skipped, no state, no counter (docs/registry-and-routing.md)
+                    continue
+                key = self._batch_key(param, group)
+                if key is None:
                     self.step_param(param, param.grad, group, index)
+                else:
+                    batches.setdefault(key, []).append(index)
+            for indices in batches.values():
+                self._step_batch(group, indices)
         return loss
+
+    def _batch_key(self, param: Tensor, group: dict) -> tuple | None:
+        """What a parameter is batched by (None: updated on its own): owned, plain 2-D ``[out, in]`` matrices of a
+        ``batched`` method, by shape, dtypes and device. Sharded (FSDP2) matrices keep the per-matrix path, whose
+        collectives and owner rank are per matrix; layer-wise release sees one parameter at a time anyway."""
+        if not self.batched or group["method"] != self.name or isinstance(param, DTensor) or param.dim() != 2 \
+                or group.get("layout", "linear") != "linear" or param.grad.is_sparse:
+            return None
+        return param.shape, param.dtype, param.grad.dtype, param.device
+
+    def _step_batch(self, group: dict, indices: list[int]) -> None:
+        params = [group["params"][i] for i in indices]
+        for index, param in zip(indices, params):
+            if not self.state[param]:  # touched as step_param does, so state_dict() lists the same entries
+                self._check_param(param, group, index)
+        per_chunk = max(1, BATCH_ELEMENTS // params[0].numel())
+        for start in range(0, len(params), per_chunk):
+            chunk = params[start:start + per_chunk]
+            self.update_batch(chunk, [p.grad for p in chunk], group)
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:

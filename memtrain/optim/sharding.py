@@ -105,10 +105,10 @@ class Rows:
         return self._all_reduce(flags.to(torch.int32), dist.ReduceOp.MIN).bool()
 
     def column_mean(self, x: Tensor) -> Tensor:
-        """Each column's mean over all rows of the global matrix (dim 0, keepdim): a ``reduce`` op."""
+        """Each column's mean over all rows of the global matrix (dim -2, keepdim): a ``reduce`` op."""
         if self.group is None:
-            return x.mean(dim=0, keepdim=True)
-        return self.sum(x.sum(dim=0, keepdim=True)) / self.total
+            return x.mean(dim=-2, keepdim=True)
+        return self.sum(x.sum(dim=-2, keepdim=True)) / self.total
 
     def norm_sq(self, x: Tensor) -> Tensor:
         """``‖X‖_F²`` of the global matrix as a 0-d fp64 tensor: summed per row in x's dtype, across rows (and

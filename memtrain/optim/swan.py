@@ -23,7 +23,7 @@ from .transforms import _here, _whole, as_out_in, column_mean, descend_, ieee_fp
 def standardize(g: Tensor, dim: int = 1, eps: float = 1e-8, rel_tol: float = 1e-5,
                 column_mean: Callable = column_mean) -> Tensor:
     """SWAN's GradNorm (docs/optimizers/swan.md, "Update"): subtract the mean over ``dim`` and divide by the population
-    std.
+    std. ``dim`` counts in the last two dims (1 or -1: rows, 0 or -2: columns); leading dims are a batch of matrices.
 
     A slice whose std is at most ``max(eps, rel_tol·RMS)`` is constant (or zero) up to fp32 centering noise and
     becomes exactly 0; dividing by that noise would blow it up to unit RMS and break scale invariance. A slice
@@ -31,7 +31,7 @@ def standardize(g: Tensor, dim: int = 1, eps: float = 1e-8, rel_tol: float = 1e-
     ``dim=1`` (rows, the default) is local under FSDP2's row sharding; ``dim=0`` takes its three column
     statistics from ``column_mean`` (``sharding.Rows.column_mean`` all-reduces them)."""
     def mean(t: Tensor) -> Tensor:
-        return column_mean(t) if dim == 0 else t.mean(dim=dim, keepdim=True)
+        return column_mean(t) if dim in (0, -2) else t.mean(dim=-1, keepdim=True)
 
     x = g - mean(g)
     sigma = mean(x.square()).sqrt_()
@@ -48,9 +48,10 @@ def newton_schulz_inv_sqrt(a: Tensor, steps: int) -> Tensor:
     converges.
 
     Per step ``T = 3I − ZY; Y ← ½·YT; Z ← ½·TZ``. Two products of the first step (with Z = I) and the last ``Y``
-    update (never read) are skipped: the result is bitwise the same, with 3k − 3 products instead of 3k."""
-    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-    y = a / torch.linalg.matrix_norm(a)
+    update (never read) are skipped: the result is bitwise the same, with 3k − 3 products instead of 3k.
+    A stack ``[B, d, d]`` runs the iteration on each matrix (batched products)."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    y = a / torch.linalg.matrix_norm(a, keepdim=True)
     t = 3 * eye - y  # step 1: Z = I, so ZY = Y and TZ = T exactly
     z = 0.5 * t
     for step in range(1, steps):
@@ -75,10 +76,11 @@ def whitening_root(a: Tensor, *, steps: int, damping: float, deflate: bool) -> T
     typical eigenvalue (exact, because X is orthogonal to it), without which the coupled iteration amplifies
     rounding noise along it by 1.5× per step. The damping ``δ·μA·I`` keeps A' positive definite in fp32. An
     all-zero Gram (trace 0) runs the iteration on the identity instead, which gives Δ = 0 exactly without a NaN,
-    without a host round trip and without a branch (so under FSDP2 every rank runs the same collectives)."""
-    d = a.shape[0]
+    without a host round trip and without a branch (so under FSDP2 every rank runs the same collectives).
+    A stack ``[B, d, d]`` gives each Gram its own μ, guard and root."""
+    d = a.shape[-1]
     eye = torch.eye(d, dtype=a.dtype, device=a.device)
-    mean_eig = a.diagonal().sum() / d
+    mean_eig = (a.diagonal(dim1=-2, dim2=-1).sum(dim=-1) / d)[..., None, None]
     if deflate:
         a = a + mean_eig / d
     a = a + (damping * mean_eig) * eye
@@ -106,37 +108,38 @@ def whiten(x: Tensor, *, steps: int = 10, damping: float = 1e-6, centered_dim: i
     * left side: ``gather`` assembles the whole X on every rank, ``on_owner`` solves ``Z`` from ``XXᵀ`` on one
       rank and broadcasts it (m² < m·n floats, cheaper than Δ), and ``Δ_k = mine(Z)·X`` uses this rank's rows.
 
-    With the identity defaults every step is the unsharded computation, bitwise."""
-    m, n = (x.shape[0] if total_rows is None else total_rows), x.shape[1]
+    With the identity defaults every step is the unsharded computation, bitwise; there ``x`` may also be a stack
+    ``[B, m, n]`` of same-shape matrices, whitened each on its own with batched products."""
+    m, n = (x.shape[-2] if total_rows is None else total_rows), x.shape[-1]
     right = whitening_side(m, n, centered_dim)
     deflate = centered_dim == (1 if right else 0)
     with ieee_fp32():
         if right:
-            a = gram_sum(x.T @ x)
+            a = gram_sum(x.mT @ x)
             z = on_owner(lambda: whitening_root(a, steps=steps, damping=damping, deflate=deflate),
                          torch.empty_like(a))
             return x @ z
         full = gather(x)
-        z = on_owner(lambda: whitening_root(full @ full.T, steps=steps, damping=damping, deflate=deflate),
-                     x.new_empty((m, m)))
+        z = on_owner(lambda: whitening_root(full @ full.mT, steps=steps, damping=damping, deflate=deflate),
+                     x.new_empty((*x.shape[:-2], m, m)))
         return mine(z) @ full
 
 
 def frobenius_sq(x: Tensor) -> Tensor:
-    """``‖x‖_F²`` of a 2-D tensor as a 0-d fp64 tensor: summed per row in x's dtype, across rows in fp64 (an empty
-    ``x`` gives 0)."""
-    return x.square().sum(dim=-1).double().sum()
+    """``‖x‖_F²`` of a matrix as a 0-d fp64 tensor (of a stack ``[B, m, n]``: one per matrix, ``[B]``): summed per
+    row in x's dtype, across rows in fp64 (an empty ``x`` gives 0)."""
+    return x.square().sum(dim=-1).double().sum(dim=-1)
 
 
 def unit_rms(delta: Tensor, norm_sq: Callable = frobenius_sq, numel: int | None = None) -> Tensor:
     """Rescale ``delta`` to entry-RMS 1; zero stays zero. ``‖Δ‖²`` is summed per row in fp32 and
     across rows in fp64: an fp32 total over ~1e5 entries is off by ~2e-6, more than the unit-RMS tolerance.
     Under FSDP2 ``delta`` is this rank's rows, ``norm_sq`` all-reduces the fp64 partial sums and ``numel`` is the
-    global matrix's element count."""
+    global matrix's element count. A stack ``[B, m, n]`` rescales each matrix on its own."""
     sq = norm_sq(delta)
-    numel = delta.numel() if numel is None else numel
+    numel = delta.shape[-2] * delta.shape[-1] if numel is None else numel
     scale = torch.where(sq > 0, (numel / sq).sqrt(), torch.zeros_like(sq))
-    return delta * scale.to(delta.dtype)
+    return delta * scale.to(delta.dtype)[..., None, None]
 
 
 class SWAN(MemtrainOptimizer):
@@ -148,6 +151,7 @@ class SWAN(MemtrainOptimizer):
     stateless = True
     fsdp2 = True  # n×n Gram all-reduce (right) / all-gather (left), Z on the owner rank + broadcast
     deepspeed = False  # flat 1-D partitions have no rows: refused
+    batched = True  # same-shape matrices whitened together (batched products)
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, adam_lr: float | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, ns_steps: int = 10,
@@ -179,11 +183,18 @@ class SWAN(MemtrainOptimizer):
         with fp32_view(param) as p32:
             descend_(as_out_in(p32, layout), delta, lr=group["lr"], weight_decay=group["weight_decay"])
 
+    def update_batch(self, params, grads, group):
+        stack = torch.stack(grads)
+        self.descend_each(params, swan_direction(
+            stack, unsharded(stack[0]), norm_dim=group["norm_dim"], row_eps=group["row_eps"],
+            ns_steps=group["ns_steps"], damping=group["damping"], fp32_whitening=group["fp32_whitening"]), group)
+
 
 def swan_direction(grad: Tensor, rows: Rows, *, layout: str = "linear", norm_dim: int = 1, row_eps: float = 1e-8,
                    ns_steps: int = 10, damping: float = 1e-6, fp32_whitening: bool = True) -> Tensor:
     """SWAN's update direction (docs/optimizers/swan.md, "Update"; ``[out, in]``) for this rank's rows ``grad`` of a
-    matrix split as ``rows`` says; unsharded rows make every collective the identity (the single-process numerics).
+    matrix split as ``rows`` says; unsharded rows make every collective the identity (the single-process numerics),
+    and then ``grad`` may be a stack ``[B, m, n]`` of same-shape gradients (``layout="linear"``), one direction each.
 
     Under FSDP2: GradNorm over rows is local (``norm_dim=0`` all-reduces three length-n column
     statistics); the right side all-reduces the n×n Gram, the left side all-gathers X, and both compute Z on
@@ -196,5 +207,5 @@ def swan_direction(grad: Tensor, rows: Rows, *, layout: str = "linear", norm_dim
         x = x.to(grad.dtype)
     delta = whiten(x, steps=ns_steps, damping=damping, centered_dim=norm_dim, total_rows=rows.total,
                    gram_sum=rows.sum, gather=rows.gather, mine=rows.mine, on_owner=rows.on_owner)
-    return unit_rms(delta.float(), norm_sq=lambda d: rows.sum(frobenius_sq(d)), numel=rows.total * delta.shape[1])
+    return unit_rms(delta.float(), norm_sq=lambda d: rows.sum(frobenius_sq(d)), numel=rows.total * delta.shape[-1])
 

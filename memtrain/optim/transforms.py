@@ -205,14 +205,15 @@ def as_out_in(t: Tensor, layout: str) -> Tensor:
 
 
 def column_mean(x: Tensor) -> Tensor:
-    """Each column's mean over the rows (dim 0, keepdim): the default ``column_mean`` hook of the row/column
-    statistics; under FSDP2, where a rank holds only some rows, ``sharding.Rows.column_mean`` all-reduces it."""
-    return x.mean(dim=0, keepdim=True)
+    """Each column's mean over the rows (dim -2, keepdim; a stack ``[B, m, n]`` of matrices gives each its own): the
+    default ``column_mean`` hook of the row/column statistics; under FSDP2, where a rank holds only some rows,
+    ``sharding.Rows.column_mean`` all-reduces it."""
+    return x.mean(dim=-2, keepdim=True)
 
 
 def rms_normalize(x: Tensor, dim: int, eps: float = 1e-8, column_mean: Callable = column_mean) -> Tensor:
-    """Divide ``x`` by its RMS over ``dim`` (``dim=1``: every row gets RMS 1; ``dim=0``: every column), with the
-    RMS floored at ``eps`` so that an all-zero row/column stays zero (SCALE's normalisation, one half-step of
-    SinkGD)."""
-    ms = column_mean(x.square()) if dim == 0 else x.square().mean(dim=dim, keepdim=True)
+    """Divide ``x`` by its RMS over ``dim`` of its last two dims (``dim=1`` or -1: every row gets RMS 1; ``dim=0`` or
+    -2: every column; leading dims are a batch of matrices), with the RMS floored at ``eps`` so that an all-zero
+    row/column stays zero (SCALE's normalisation, one half-step of SinkGD)."""
+    ms = column_mean(x.square()) if dim in (0, -2) else x.square().mean(dim=-1, keepdim=True)
     return x / ms.sqrt_().clamp_(min=eps)
