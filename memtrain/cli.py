@@ -3,7 +3,7 @@
     memtrain pretrain [config.yaml] [--flags]     pretrain a model (memtrain/recipes/pretrain.py)
     memtrain finetune [config.yaml] [--flags]     fine-tune with an adapter or fully (memtrain/recipes/finetune.py)
     memtrain prepare-data DATASET --output_dir D  token shards for pretraining (memtrain/recipes/data/shards.py)
-    memtrain bench [engines|layerwise] [...]      benchmarks (memtrain/bench/)
+    memtrain bench [engines|layerwise|data|step|whitening]  benchmarks (memtrain/bench/)
     memtrain estimate [--flags]                   memory of a training step, simulated (memtrain/estimate.py)
     memtrain list [NAME]                          registered optimizers, or one optimizer's options
     memtrain engines [NAME]                       the engines' accelerate config files (or one's path)
@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "finetune": ("memtrain.recipes.finetune", "main", "fine-tune a saved model with a LoRA adapter or fully"),
     "prepare-data": ("memtrain.recipes.data.shards", "main", "tokenize a corpus once into memory-mapped token shards"),
     "estimate": ("memtrain.estimate", "main", "peak memory of a training step by category, simulated on fake tensors"),
-    "bench": ("memtrain.bench", "main", "benchmarks: optimizers (default), engines, layerwise, data"),
+    "bench": ("memtrain.bench", "main", "benchmarks: optimizers (default), engines, layerwise, data, step, whitening"),
     "engines": ("memtrain.configs", "engines_main", "the accelerate configs of the engines (ddp, fsdp2, zero1-3, ...)"),
     "list": ("memtrain.optim.registry", "list_main", "list the registered optimizers, or one optimizer's options"),
     "slimadam-rules": ("memtrain.recipes.slimadam_rules", "main", "derive SlimAdam compression rules"),
