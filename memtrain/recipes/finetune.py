@@ -66,8 +66,13 @@ class FinetuneArguments(BlockArguments):
     eval_before_training: bool = field(default=True, metadata={
         "help": "Evaluate before fine-tuning too (report: eval_perplexity_before)."})
     benchmark: list[str] = field(default_factory=list, metadata={
-        "help": "Benchmark mode: entries 'adapter[:adapter_args][@lr]' (e.g. lora lorapro:mode=efficient "
-                "full@1e-4), each run through this script with the other flags; writes --benchmark_out."})
+        "help": "Benchmark mode: entries 'adapter[:adapter_args][@lr[,lr...]]' (e.g. lora@1e-3,3e-3 "
+                "lorapro:mode=efficient full@1e-4), each run through this script with the other flags; an lr grid "
+                "is tuned (best eval perplexity), then re-run with every --benchmark_seeds; writes --benchmark_out "
+                "and its .json."})
+    benchmark_seeds: list[int] = field(default_factory=list, metadata={
+        "help": "Benchmark mode: the seeds each entry's tuned lr runs with (the grid uses the first). "
+                "Default: --seed."})
     benchmark_out: str = field(default="docs/benchmarks/finetune.md", metadata={
         "help": "Markdown file written in benchmark mode."})
     list_optimizers: bool = field(default=False, metadata={"help": "Print the registered optimizers and exit."})

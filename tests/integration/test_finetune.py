@@ -108,22 +108,30 @@ def test_trainer_resume_from_checkpoint_is_exact(workdir, tmp_path, adapter):
         assert torch.equal(full[key], resumed[key]), key
 
 
-def test_benchmark_mode_runs_each_entry_in_its_own_process_once(workdir, tmp_path):
-    """``--benchmark`` through memtrain.bench.runner: one process per entry, a table, and a repeated command
-    skips the finished entries (their job.log is not written again)."""
+def test_benchmark_mode_tunes_each_entry_and_runs_every_process_once(workdir, tmp_path):
+    """``--benchmark`` through memtrain.bench.runner: one process per (entry, lr, seed); an lr grid runs with the
+    first seed, its best lr with every seed; a table and its JSON; a repeated command skips the finished runs
+    (their job.log is not written again); a bad lr is refused before any run."""
     table = tmp_path / "finetune.md"
     argv = ["--model_name_or_path", str(workdir / "base"), "--dataset", str(workdir / "lighthouse.txt"),
             "--val_fraction", "0.2", "--lora_r", "4", "--max_steps", "2", "--per_device_train_batch_size", "4",
-            "--output_dir", str(tmp_path / "runs"), "--benchmark", "lora@1e-2", "full@1e-3",
-            "--benchmark_out", str(table), *COMMON]
+            "--output_dir", str(tmp_path / "runs"), "--benchmark", "lora@1e-3,1e-2",
+            "--benchmark_seeds", "0", "1", "--benchmark_out", str(table), *COMMON]
+    with pytest.raises(ValueError, match="'x' is not a positive learning rate"):
+        script_main("finetune")([a if a != "lora@1e-3,1e-2" else "lora@1e-3,x" for a in argv])
+    assert not (tmp_path / "runs").exists()
     rows = script_main("finetune")(argv)
-    assert [r["entry"] for r in rows] == ["lora@1e-2", "full@1e-3"]
-    assert [r["learning_rate"] for r in rows] == [1e-2, 1e-3] and rows[0]["adapter"] == "lora"
-    assert rows[1]["trainable_parameters"] == rows[1]["parameters"] > rows[0]["trainable_parameters"]
+    assert [r["entry"] for r in rows] == ["lora@1e-3,1e-2"] and rows[0]["adapter"] == "lora"
+    lora = rows[0]
+    assert lora["tuned_lr"] == float(min(lora["grid"], key=lora["grid"].get))
+    assert lora["edge"] and len(lora["eval_perplexities"]) == 2 and lora["eval_ppl_std"] is not None
+    assert lora["eval_perplexities"][0] == min(lora["grid"].values()) == lora["eval_perplexity"]
+    assert lora["trainable_parameters"] < lora["parameters"]
     text = table.read_text()
-    assert "| lora@1e-2 | 0.01 |" in text and "| full@1e-3 | 0.001 |" in text
-    log = tmp_path / "runs" / "lora_1e-2" / "job.log"
+    assert f"| lora | {lora['tuned_lr']:g} (grid edge) |" in text
+    assert json.loads(table.with_suffix(".json").read_text())[0]["eval_perplexities"] == lora["eval_perplexities"]
+    log = tmp_path / "runs" / "lora_1e-3" / "seed0" / "job.log"
     stamp = log.stat().st_mtime_ns
     again = script_main("finetune")(argv)
     assert all(r["resumed"] for r in again) and log.stat().st_mtime_ns == stamp
-    assert [r["eval_perplexity"] for r in again] == [r["eval_perplexity"] for r in rows]
+    assert [r["eval_perplexities"] for r in again] == [r["eval_perplexities"] for r in rows]
