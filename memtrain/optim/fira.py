@@ -83,14 +83,14 @@ class Fira(GaLore):
         matrix_norm = rows.norm if side == 0 else torch.linalg.vector_norm
         if group["residual_mode"] == "code":
             phi = fira_scaling(N, R, side, group["scaling"], norm=matrix_norm)
-            S = (G - T.project_back(R, P, side) * alpha) * phi
+            S = T.project_back(R, P, side, add_to=G, alpha=-alpha).mul_(phi)
             S, state["prev_residual_norm"] = limit_norm_growth(S, state["prev_residual_norm"], group["gamma"],
                                                                  norm=rows.norm)
-            D = T.project_back(N, P, side) * alpha + S
+            D = T.project_back(N, P, side, add_to=S, alpha=alpha)
             return D, T.hf_step_size(group["lr"], state["step"], beta1, beta2)
         c_t = T.hf_step_size(1.0, state["step"], beta1, beta2)
         phi = fira_scaling(c_t * N, R, side, group["scaling"], norm=matrix_norm)
-        S = (G - T.project_back(R, P, side)) * phi
+        S = T.project_back(R, P, side, add_to=G, alpha=-1.0).mul_(phi)
         S, state["prev_residual_norm"] = limit_norm_growth(S, state["prev_residual_norm"], group["gamma"],
                                                              norm=rows.norm)
-        return T.project_back(N, P, side) * c_t + S, group["lr"] * alpha
+        return T.project_back(N, P, side, add_to=S, alpha=c_t), group["lr"] * alpha

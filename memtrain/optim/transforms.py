@@ -185,10 +185,12 @@ def project(G: Tensor, P: Tensor, side: int, row_sum: Callable = _whole) -> Tens
     return G @ P.T if side == 0 else row_sum(P.T @ G)
 
 
-def project_back(X: Tensor, P: Tensor, side: int) -> Tensor:
+def project_back(X: Tensor, P: Tensor, side: int, *, add_to: Tensor | None = None, alpha: float = 1.0) -> Tensor:
     """Back to full size: ``X P`` (side 0) or ``P X`` (side 1). Row by row, so a row block of X (side 0) or P
-    (side 1) gives that block of the result."""
-    return X @ P if side == 0 else P @ X
+    (side 1) gives that block of the result. With ``add_to``: ``add_to + alpha·back(X)`` as one fused product
+    (``addmm``), without the full-size temporaries of a separate scale and add."""
+    a, b = (X, P) if side == 0 else (P, X)
+    return a @ b if add_to is None else torch.addmm(add_to, a, b, alpha=alpha)
 
 
 # -- the stateless matrix methods' steps (SWAN, SinkGD, SCALE) ----------------------------------------------------
