@@ -47,10 +47,6 @@ FALLBACK = "adamw"
 #: name -> "module:Class" under memtrain.optim (adamw: this base's own AdamW).
 FALLBACKS = {"adamw": "", "adam4bit": "adam4bit:Adam4bit", "adafactor": "adafactor:Adafactor"}
 SHAPED_ROLES = ("matrix", "embedding", "head")
-#: Most elements a batched update stacks at once (2**25: 128 MiB per fp32 temporary), so that batching the
-#: thirty-odd same-shape matrices of a large model does not multiply the step's temporary memory; at that size a
-#: matrix's own work dwarfs the per-matrix overhead that batching removes.
-BATCH_ELEMENTS = 2**25
 
 
 def _check_hyper(name: str, value, *, positive: bool = False) -> None:
@@ -363,8 +359,11 @@ class MemtrainOptimizer(Optimizer):
                     self.step_param(param, param.grad, group, index)
                 else:
                     batches.setdefault(key, []).append(index)
+            # A stack never holds more elements than the group's largest matrix, whose own update needs temporaries of
+            # that size anyway: batching never raises the step's memory peak (memtrain estimate's numbers hold).
+            limit = max((group["params"][i].numel() for indices in batches.values() for i in indices), default=0)
             for indices in batches.values():
-                self._step_batch(group, indices)
+                self._step_batch(group, indices, limit)
         return loss
 
     def _batch_key(self, param: Tensor, group: dict) -> tuple | None:
@@ -376,12 +375,12 @@ class MemtrainOptimizer(Optimizer):
             return None
         return param.shape, param.dtype, param.grad.dtype, param.device
 
-    def _step_batch(self, group: dict, indices: list[int]) -> None:
+    def _step_batch(self, group: dict, indices: list[int], limit: int) -> None:
         params = [group["params"][i] for i in indices]
         for index, param in zip(indices, params):
             if not self.state[param]:  # touched as step_param does, so state_dict() lists the same entries
                 self._check_param(param, group, index)
-        per_chunk = max(1, BATCH_ELEMENTS // params[0].numel())
+        per_chunk = max(1, limit // params[0].numel())
         for start in range(0, len(params), per_chunk):
             chunk = params[start:start + per_chunk]
             self.update_batch(chunk, [p.grad for p in chunk], group)

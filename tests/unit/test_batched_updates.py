@@ -1,14 +1,13 @@
 """Batched matrix updates (docs/registry-and-routing.md, "Batched matrix updates"): ``step()`` hands the same-shape
 matrices of a ``batched`` method (swan, sinkgd) to ``update_batch`` together; the result equals the per-matrix path
-(``step_param``, what layer-wise release and FSDP2 run) within the method's tolerance, in chunks of any size, for
-fp32 and bf16 parameters."""
+(``step_param``, what layer-wise release and FSDP2 run) within the method's tolerance, for fp32 and bf16
+parameters; a stack is never larger than the group's largest matrix."""
 import copy
 
 import pytest
 import torch
 
 import memtrain
-import memtrain.optim.base as base
 
 from ..conftest import lm_batch, tiny_llama
 
@@ -42,27 +41,45 @@ def _assert_same(a, b, rtol, atol):
         torch.testing.assert_close(x.float(), y.float(), rtol=rtol, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("name,options", CASES)
-def test_batched_step_equals_the_per_matrix_path(name, options, monkeypatch):
+def _spy(monkeypatch, name):
     calls = []
     cls = type(memtrain.build_optimizer(tiny_llama(), name, lr=1e-3))
     real = cls.update_batch
-    monkeypatch.setattr(cls, "update_batch",
-                        lambda self, params, grads, group: calls.append(len(params)) or real(self, params, grads, group))
+    monkeypatch.setattr(cls, "update_batch", lambda self, params, grads, group:
+                        calls.append(tuple(p.shape for p in params)) or real(self, params, grads, group))
+    return calls
+
+
+@pytest.mark.parametrize("name,options", CASES)
+def test_batched_step_equals_the_per_matrix_path(name, options, monkeypatch):
+    calls = _spy(monkeypatch, name)
     batched, opt = _run(name, options, batched=True)
-    # tiny_llama: 2 layers of q/o (32x32), k/v (16x32), gate/up (48x32), down (32x48): one call per shape per step
-    assert sorted(calls[:4]) == [2, 4, 4, 4] and len(calls) == 12
+    # tiny_llama's 2 layers: q/o 32x32, k/v 16x32, gate/up 48x32, down 32x48. The largest matrix (1,536 elements)
+    # bounds a stack: k/v go 3 + 1, the rest one by one.
+    assert sorted(map(len, calls[:12])) == [1] * 11 + [3] and len(calls) == 36
+    assert ((16, 32),) * 3 in calls
     per_matrix, ref_opt = _run(name, options, batched=False)
     _assert_same(batched, per_matrix, rtol=1e-6, atol=1e-7)  # observed: swan bitwise, sinkgd <= 3e-8
     assert opt.state_dict()["state"].keys() == ref_opt.state_dict()["state"].keys()
 
 
-@pytest.mark.parametrize("name,options", CASES[::2])
-def test_chunks_of_any_size_give_the_same_step(name, options, monkeypatch):
-    whole, _ = _run(name, options, batched=True, steps=2)
-    monkeypatch.setattr(base, "BATCH_ELEMENTS", 32 * 32 * 3)  # q/o in chunks of 3 and 1, gate/up of 2 and 2
-    chunked, _ = _run(name, options, batched=True, steps=2)
-    _assert_same(whole, chunked, rtol=1e-6, atol=1e-7)
+@pytest.mark.parametrize("name", ["swan", "sinkgd"])
+def test_a_stack_is_never_larger_than_the_largest_matrix(name, monkeypatch):
+    """So batching never raises the step's memory peak: five 8x8 matrices next to one 16x8 go in stacks of 2, 2, 1."""
+    calls = _spy(monkeypatch, name)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(5)] + [torch.nn.Parameter(torch.randn(16, 8))]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = memtrain.build_optimizer([{"params": params, "role": "matrix"}], name, lr=0.1)
+    ref = memtrain.build_optimizer([{"params": copies, "role": "matrix"}], name, lr=0.1)
+    for p, c in zip(params, copies):
+        p.grad = torch.randn(p.shape)
+        c.grad = p.grad.clone()
+    opt.step()
+    assert sorted(len(c) for c in calls) == [1, 1, 2, 2]
+    _per_matrix_step(ref)
+    for p, c in zip(params, copies):
+        torch.testing.assert_close(p, c, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["swan", "sinkgd"])
