@@ -297,11 +297,19 @@ def optim_flags(optim: str, optim_args: str, lr: float | None) -> list[str]:
 
 def make_job(preset: Preset, c: Candidate, point: dict, seed: int) -> runner.Job:
     options = {**c.args, **{k: v for k, v in point.items() if k != "lr"}}
+    flags = dict(preset.flags)
+    if str(options.get("layerwise", "")).lower() in ("true", "1"):
+        # Layer-wise release cannot clip the global gradient norm (docs/layerwise.md): the runs' global threshold
+        # (HF's default 1.0 unless the preset sets max_grad_norm) becomes the same threshold per parameter.
+        clip = float(flags.get("max_grad_norm", 1.0))
+        flags["max_grad_norm"] = 0
+        if clip > 0:
+            options.setdefault("layerwise_clip", clip)
     args = ["--model", preset.model, *optim_flags(c.optim, optim_args_text(options), point["lr"]), "--seed", str(seed),
             "--max_steps", str(preset.max_steps), "--eval_strategy", "steps", "--eval_steps", str(preset.eval_steps),
             "--eval_on_start", "true", "--logging_steps", str(max(1, preset.max_steps // 10)),
             "--save_final_model", "false", "--report_to", "none", "--disable_tqdm", "false",
-            *runner.flags(preset.flags)]
+            *runner.flags(flags)]
     out = Path(preset.work_dir) / preset.name / runner.slug(c.label) / f"{runner.slug(point_text(point))}-seed{seed}"
     env = runner.thread_env(preset.jobs) if preset.engine is None else (("OMP_NUM_THREADS", "1"),)
     return runner.Job(("pretrain",), tuple(args), out, label=f"{c.label} {point_text(point)} seed {seed}",

@@ -133,6 +133,12 @@ def test_preset_parses_numbers_and_finds_the_baseline_by_name(tmp_path):
     assert args[args.index("--learning_rate") + 1] == "0.01" and args[args.index("--seed") + 1] == "1"
     assert args[args.index("--max_eval_samples") + 1] == "8" and job.steps == 12
     assert job.out.parts[-3:] == ("t", "galore", "scale=0.25_lr=0.01-seed1")
+    assert "--max_grad_norm" not in args  # HF's global clip (1.0) applies
+    # layer-wise release cannot clip globally: the same threshold per parameter instead
+    layerwise = list(bench.make_job(preset, preset.candidates[3], {"scale": 0.25, "lr": 1e-2}, seed=1).args)
+    assert layerwise[layerwise.index("--max_grad_norm") + 1] == "0"
+    assert layerwise[layerwise.index("--optim_args") + 1] == \
+        "rank=4,update_proj_gap=5,layerwise=true,scale=0.25,layerwise_clip=1.0"
 
 
 SWAN = "  swan:\n    grid: {lr: [1e-3, 3e-3]}\n    tie: {adam_lr: adam_lr}\n"
