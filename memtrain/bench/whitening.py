@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..optim.routing import build_param_groups
-from ..optim.swan import standardize, unit_rms, whitening_root, whitening_side
+from ..optim.swan import damped_gram, standardize, unit_rms, whitening_root, whitening_side
 from ..recipes.models import build_model
 from .runner import command_line
 
@@ -39,9 +39,7 @@ def _cpu_ms(fn, repeats: int = 7) -> float:
 
 def _eigh_root(a: torch.Tensor, damping: float, deflate: bool) -> torch.Tensor:
     """The k → ∞ limit of ``whitening_root``: the same A', its inverse square root from its eigendecomposition."""
-    d = a.shape[-1]
-    mean_eig = a.diagonal().sum() / d
-    a = (a + mean_eig / d if deflate else a) + damping * mean_eig * torch.eye(d, dtype=a.dtype)
+    a = damped_gram(a, damping=damping, deflate=deflate)
     w, v = torch.linalg.eigh(a / torch.linalg.matrix_norm(a))
     return (v * w.clamp(min=torch.finfo(w.dtype).tiny).rsqrt()) @ v.mT
 

@@ -78,14 +78,19 @@ def whitening_root(a: Tensor, *, steps: int, damping: float, deflate: bool) -> T
     all-zero Gram (trace 0) runs the iteration on the identity instead, which gives Δ = 0 exactly without a NaN,
     without a host round trip and without a branch (so under FSDP2 every rank runs the same collectives).
     A stack ``[B, d, d]`` gives each Gram its own μ, guard and root."""
+    return newton_schulz_inv_sqrt(damped_gram(a, damping=damping, deflate=deflate), steps)
+
+
+def damped_gram(a: Tensor, *, damping: float, deflate: bool) -> Tensor:
+    """``A' = A [+ (μA/d)·11ᵀ] + δ·μA·I`` of :func:`whitening_root` (the identity where trace(A) = 0); a stack
+    ``[B, d, d]`` gives each Gram its own μ."""
     d = a.shape[-1]
     eye = torch.eye(d, dtype=a.dtype, device=a.device)
     mean_eig = (a.diagonal(dim1=-2, dim2=-1).sum(dim=-1) / d)[..., None, None]
     if deflate:
         a = a + mean_eig / d
     a = a + (damping * mean_eig) * eye
-    a = torch.where(mean_eig > 0, a, eye)
-    return newton_schulz_inv_sqrt(a, steps)
+    return torch.where(mean_eig > 0, a, eye)
 
 
 def whiten(x: Tensor, *, steps: int = 10, damping: float = 1e-6, centered_dim: int | None = 1,
