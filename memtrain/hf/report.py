@@ -155,12 +155,12 @@ class ReportCallback(TrainerCallback):
             "peak_memory_by_category": {k: v for k, v in by_category.items() if k != "phase"} or None,
             "peak_memory_phase": by_category.get("phase"),
             "memory_tracked_step": self.memory_tracked_step,
-            "memory_tracking_seconds": round(self.memory_tracking_seconds, 3),
+            "memory_tracking_seconds": self.memory_tracking_seconds,
             "global_steps": state.global_step,
             # bytes this rank sent through memtrain's own collectives (sharded transforms; not FSDP's or DDP's)
             "optimizer_comm_bytes_per_step": sharding.comm_bytes() / steps if steps else 0.0,
             "train_tokens": tokens,
-            "train_runtime_s": round(self.train_seconds, 3),
+            "train_runtime_s": self.train_seconds,
             "tokens_per_second": tokens_timed / seconds if seconds > 0 else None,
             "train_loss": self.train_loss,
             "eval_loss": self.eval_metrics.get("eval_loss"),
@@ -237,9 +237,9 @@ def format_report(report: dict[str, Any]) -> str:
         parts = ", ".join(f"{k} {by_category[k] / 2**20:,.1f}" for k in metrics.MEMORY_CATEGORIES if by_category[k])
         lines.append(f"  tensor peak          {mib(report['tracked_peak_memory_bytes'])} in step "
                      f"{report['memory_tracked_step']}'s {report['peak_memory_phase']}: {parts} MiB "
-                     f"(tracked in {report['memory_tracking_seconds']} s)")
+                     f"(tracked in {report['memory_tracking_seconds']:.2f} s)")
     lines += [
-        f"  steps / tokens       {report['global_steps']} / {report['train_tokens']:,} in {report['train_runtime_s']} s "
+        f"  steps / tokens       {report['global_steps']} / {report['train_tokens']:,} in {report['train_runtime_s']:.3f} s "
         f"= {num(report['tokens_per_second'], ',.0f')} tokens/s",
         f"  train loss           {num(report['train_loss'], '.4f')}",
     ]
