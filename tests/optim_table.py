@@ -422,6 +422,7 @@ OPTIMS = [
         capabilities=_caps(stateless=True),
         errors=(
             BadInput("ns_steps must be an integer >= 1", {"ns_steps": 0}),
+            BadInput("ns_quintic_steps must be an integer >= 0", {"ns_quintic_steps": -1}),
             BadInput("norm_dim must be 1", {"norm_dim": 2}),
             BadInput("damping must be >= 0", {"damping": -1.0}),
             BadInput("row_eps must be > 0", {"row_eps": 0.0}),

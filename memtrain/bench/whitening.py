@@ -5,10 +5,12 @@ exact polar factor (docs/optimizers/swan.md, "Cost").
 
 For one gradient of every hidden-matrix shape of the model (from one forward/backward on random tokens), the
 parts of SWAN's direction are timed separately (GradNorm, the Gram, the root, applying it, the rescale), and the
-root is also computed with ``ns_steps`` of 5, 10, 15 and 20 and, as the alternative, exactly by an eigendecomposition
-of the same damped, deflated Gram (``torch.linalg.eigh``; not used by ``swan``: on CUDA it checks its result on the
-host, a sync per matrix). Distance: ``‖Δ − P‖_F / ‖P‖_F`` of the unit-RMS direction Δ from the unit-RMS polar
-factor P of the standardised gradient on its range (fp64 SVD, :func:`polar_factor`). Times are the median process CPU time of 7 repetitions.
+root is computed every way in :data:`ROOTS`: ``ns_steps`` of 5 to 20; 3 or 4 quintic steps before the Newton–Schulz
+ones (``ns_quintic_steps``); bf16 products; and exactly, by an eigendecomposition of the same damped, deflated Gram
+(``torch.linalg.eigh``; not used by ``swan``: on CUDA it checks its result on the host, a sync per matrix).
+Distance: ``‖Δ − P‖_F / ‖P‖_F`` of the unit-RMS direction Δ from the unit-RMS polar factor P of the standardised
+gradient on its range (fp64 SVD, :func:`polar_factor`), for every hidden matrix of the model. Times are the median
+process CPU time of 7 repetitions.
 """
 from __future__ import annotations
 
@@ -53,64 +55,81 @@ def polar_factor(x: torch.Tensor, rel_tol: float = 1e-5) -> torch.Tensor:
     return unit_rms(u[:, keep] @ vh[keep])
 
 
-def measure(model_name: str, seed: int = 0, damping: float = 1e-6) -> list[dict]:
+#: The roots compared: name → ``root(a, deflate)`` on the short-side Gram ``a`` (the same A' for all; damping 1e-6).
+#: "quintic q + newton-schulz k" is ``swan``'s ``ns_quintic_steps=q, ns_steps=k``; the bf16 row runs the default
+#: iteration with bf16 products (``fp32_whitening=false`` on a bf16 model).
+ROOTS = {
+    **{f"newton-schulz k={k}": (lambda k: lambda a, d: whitening_root(a, steps=k, damping=1e-6, deflate=d))(k)
+       for k in (5, 10, 15, 20)},
+    **{f"quintic {q} + newton-schulz {k}": (lambda q, k: lambda a, d: whitening_root(
+        a, steps=k, quintic_steps=q, damping=1e-6, deflate=d))(q, k) for q, k in ((3, 2), (3, 3), (4, 3))},
+    "newton-schulz k=10, bf16": lambda a, d: whitening_root(a.bfloat16(), steps=10, damping=1e-6, deflate=d).float(),
+    "eigh (exact root)": lambda a, d: _eigh_root(a, 1e-6, d),
+}
+DEFAULT = "newton-schulz k=10"
+
+
+def _gradients(model_name: str, seed: int) -> list[tuple[str, torch.Tensor]]:
+    """Every hidden matrix's gradient of one forward/backward on random tokens."""
     torch.manual_seed(seed)
     model = build_model(model_name, seed=seed)
     ids = torch.randint(0, model.config.vocab_size, (8, 128))
     model(input_ids=ids, labels=ids).loss.backward()
-    matrices = {}
-    for group in build_param_groups(model, owned_roles={"matrix"}):
-        if group["role"] == "matrix":
-            for name, p in zip(group["names"], group["params"]):
-                matrices.setdefault(tuple(p.shape), (name, p.grad.detach().float()))
-    rows = []
-    for shape, (name, g) in matrices.items():
+    return [(name, p.grad.detach().float()) for group in build_param_groups(model, owned_roles={"matrix"})
+            if group["role"] == "matrix" for name, p in zip(group["names"], group["params"])]
+
+
+def measure(model_name: str, seed: int = 0) -> dict:
+    """Times of the parts of one matrix's direction, per shape, and every root's distance from the polar factor
+    on every hidden matrix (``distances``: root name → one distance per matrix, in model order)."""
+    rows, distances = [], {name: [] for name in ROOTS}
+    for name, g in _gradients(model_name, seed):
         x = standardize(g)
-        right = whitening_side(*shape)
+        right = whitening_side(*g.shape)
         gram = (lambda: x.mT @ x) if right else (lambda: x @ x.mT)
         a = gram()
         polar = polar_factor(x)
-
-        def distance(z):
-            return ((unit_rms((x @ z if right else z @ x).double()) - polar).norm() / polar.norm()).item()
-
-        z10 = whitening_root(a, steps=10, damping=damping, deflate=right)
-        row = {"matrix": name, "shape": list(shape), "side": "right" if right else "left",
-               "gradnorm_ms": _cpu_ms(lambda: standardize(g)), "gram_ms": _cpu_ms(gram),
-               "apply_ms": _cpu_ms(lambda: x @ z10 if right else z10 @ x),
-               "rescale_ms": _cpu_ms(lambda: unit_rms(x @ z10 if right else z10 @ x)), "roots": {}}
-        for k in (5, 10, 15, 20):
-            z = whitening_root(a, steps=k, damping=damping, deflate=right)
-            row["roots"][f"newton-schulz k={k}"] = {
-                "ms": _cpu_ms(lambda: whitening_root(a, steps=k, damping=damping, deflate=right)),
-                "distance": distance(z)}
-        row["roots"]["eigh (exact root)"] = {"ms": _cpu_ms(lambda: _eigh_root(a, damping, right)),
-                                             "distance": distance(_eigh_root(a, damping, right))}
-        rows.append(row)
-    return rows
+        zs = {root: fn(a, right) for root, fn in ROOTS.items()}
+        for root, z in zs.items():
+            white = unit_rms((x @ z if right else z @ x).double())
+            distances[root].append(((white - polar).norm() / polar.norm()).item())
+        if any(r["shape"] == list(g.shape) for r in rows):
+            continue
+        z10 = zs[DEFAULT]
+        rows.append({"matrix": name, "shape": list(g.shape), "side": "right" if right else "left",
+                     "gradnorm_ms": _cpu_ms(lambda: standardize(g)), "gram_ms": _cpu_ms(gram),
+                     "apply_ms": _cpu_ms(lambda: x @ z10 if right else z10 @ x),
+                     "rescale_ms": _cpu_ms(lambda: unit_rms(x @ z10 if right else z10 @ x)),
+                     "roots": {root: {"ms": _cpu_ms(lambda: fn(a, right)), "distance": distances[root][-1]}
+                               for root, fn in ROOTS.items()}})
+    return {"rows": rows, "distances": distances}
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
-    variants = list(rows[0]["roots"]) if rows else []
+def markdown(result: dict, meta: dict) -> str:
+    rows, distances = result["rows"], result["distances"]
     lines = [f"# SWAN's whitening: time and distance from the polar factor ({meta['model']}, CPU)",
              f"`{meta['command']}`", "",
-             f"torch {meta['torch']}, {meta['threads']} thread(s); one real gradient per hidden-matrix shape "
-             "(one forward/backward on random tokens, seed 0). Parts of one matrix's SWAN direction, median CPU ms:",
-             "", "| matrix | shape | side | GradNorm | Gram | root k=10 (default) | apply | rescale |",
+             f"torch {meta['torch']}, {meta['threads']} thread(s); the gradients of one forward/backward on random "
+             "tokens (seed 0). Parts of one matrix's SWAN direction, one matrix per shape, median CPU ms:",
+             "", f"| matrix | shape | side | GradNorm | Gram | root ({DEFAULT}, the default) | apply | rescale |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['matrix']} | {r['shape'][0]}×{r['shape'][1]} | {r['side']} | {r['gradnorm_ms']:.2f} | "
-                     f"{r['gram_ms']:.2f} | {r['roots']['newton-schulz k=10']['ms']:.2f} | {r['apply_ms']:.2f} | "
+                     f"{r['gram_ms']:.2f} | {r['roots'][DEFAULT]['ms']:.2f} | {r['apply_ms']:.2f} | "
                      f"{r['rescale_ms']:.2f} |")
-    lines += ["", "The root computed other ways: CPU ms / distance of the unit-RMS direction from the polar factor:",
-              "", "| shape | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
-    for r in rows:
-        cells = [f"{r['roots'][v]['ms']:.2f} / {r['roots'][v]['distance']:.2e}" for v in variants]
-        lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | " + " | ".join(cells) + " |")
+    shapes = [f"{r['shape'][0]}×{r['shape'][1]}" for r in rows]
+    count = len(next(iter(distances.values()), []))
+    lines += ["", "The root computed other ways: CPU ms per shape (that matrix), and the distance of the unit-RMS "
+              f"direction from the polar factor over all {count} hidden matrices (median, max):", "",
+              "| root | " + " | ".join(f"ms {s}" for s in shapes) + " | distance median | distance max |",
+              "|---|" + "---|" * (len(shapes) + 2)]
+    for root, ds in distances.items():
+        times = " | ".join(f"{r['roots'][root]['ms']:.2f}" for r in rows)
+        lines.append(f"| {root} | {times} | {statistics.median(ds):.2e} | {max(ds):.2e} |")
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="memtrain bench whitening", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-bench")
@@ -118,12 +137,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", default="docs/benchmarks/swan-whitening.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = measure(args.model)
+    result = measure(args.model)
     meta = {"command": command_line("memtrain bench whitening", argv if argv is not None else sys.argv[1:]),
             "model": args.model, "threads": args.threads, "torch": torch.__version__}
-    page = markdown(rows, meta)
+    page = markdown(result, meta)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(page)
-    Path(args.out).with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    Path(args.out).with_suffix(".json").write_text(json.dumps({**meta, **result}, indent=1))
     print(page)
-    return rows
+    return result

@@ -19,12 +19,9 @@ from torch import Tensor
 
 from .base import MemtrainOptimizer, _check_hyper, fp32_view
 from .sharding import Rows, local
-from .swan import whiten
+from .swan import QUINTIC, whiten
 from .transforms import as_out_in
 
-#: The quintic's coefficients (a, b, c) of the Muon reference: chosen to maximise the slope at 0, so that small
-#: singular values grow fast; the iteration then oscillates in about [0.7, 1.2] rather than converging to 1.
-QUINTIC = (3.4445, -4.7750, 2.0315)
 #: Default iterations: the reference quintic's 5; the coupled iteration reaches the polar factor to ~1e-6 in 10 on
 #: rectangular Gaussian matrices (square ones need ~20: docs/optimizers/muon.md).
 NS_STEPS = {"quintic": 5, "polar": 10}

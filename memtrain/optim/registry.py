@@ -380,7 +380,8 @@ RESUMABLE: dict[str, frozenset] = {
     "fira": frozenset({"alpha", "gamma", "update_proj_gap"}),
     "scale": frozenset({"momentum", "norm_eps"}),
     "sinkgd": frozenset({"iterations", "norm_eps"}),
-    "swan": frozenset({"ns_steps", "damping", "row_eps", "fp32_whitening", "norm_dim"}),  # stateless on matrices
+    # stateless on matrices
+    "swan": frozenset({"ns_steps", "ns_quintic_steps", "damping", "row_eps", "fp32_whitening", "norm_dim"}),
 }
 
 

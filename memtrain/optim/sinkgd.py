@@ -43,7 +43,7 @@ def sinkhorn(g: Tensor, iterations: int = 5, eps: float = 1e-8, *, column_sum: C
     for _ in range(iterations):
         r = rescale(r, (sq @ c.square().mT) / n)
         c = rescale(c, column_sum(r.square().mT @ sq) / m)
-    return g * r * c
+    return torch.mul(g, c).mul_(r)  # one new matrix: g·r·c would allocate two
 
 
 class SinkGD(MemtrainOptimizer):

@@ -42,22 +42,43 @@ def standardize(g: Tensor, dim: int = 1, eps: float = 1e-8, rel_tol: float = 1e-
     return torch.where(keep, x / torch.where(keep, sigma, torch.ones_like(sigma)), torch.zeros_like(x))
 
 
-def newton_schulz_inv_sqrt(a: Tensor, steps: int) -> Tensor:
+#: The quintic's coefficients (a, b, c) of the Muon reference (Jordan et al. 2024): chosen to maximise the slope at
+#: 0, so that small singular values grow fast (×3.44 per step, against ×1.5 for Newton–Schulz); the iteration then
+#: oscillates in about [0.7, 1.2] rather than converging to 1.
+QUINTIC = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz_inv_sqrt(a: Tensor, steps: int, quintic_steps: int = 0) -> Tensor:
     """Coupled Newton–Schulz (step factor ½) for ``(A/‖A‖_F)^{-1/2}`` of a symmetric positive definite ``A``
     (docs/optimizers/swan.md, "Update"). Normalising by the Frobenius norm puts every eigenvalue in (0, 1], where it
     converges.
 
-    Per step ``T = 3I − ZY; Y ← ½·YT; Z ← ½·TZ``. Two products of the first step (with Z = I) and the last ``Y``
-    update (never read) are skipped: the result is bitwise the same, with 3k − 3 products instead of 3k.
-    A stack ``[B, d, d]`` runs the iteration on each matrix (batched products)."""
+    Per step ``H = ½(3I − ZY) = 1.5·I − ½·ZY; Y ← YH; Z ← HZ``. H is one fused multiply-add (``addmm``/``baddbmm``:
+    ``1.5·I`` plus ``−½·ZY`` inside the product), so a step is three products and nothing else; scaling by ½ is exact
+    in binary floating point, so this is the textbook ``T = 3I − ZY; Y ← ½·YT; Z ← ½·TZ`` up to the products'
+    summation order. Two products of the first step (with Z = I) and the last ``Y`` update (never read) are
+    skipped: 3k − 3 products instead of 3k. A stack ``[B, d, d]`` runs the iteration on each matrix (batched
+    products).
+
+    ``quintic_steps`` steps come first with ``H = aI + bM + cM²`` (``M = ZY``; (a, b, c) = :data:`QUINTIC`, one
+    product more per step): each multiplies the singular values ``σ`` of ``X·Z`` by ``a + bσ² + cσ⁴``, ×3.44 for
+    small ones where a Newton–Schulz step gives ×1.5, and leaves the rest in about [0.7, 1.2] for the Newton–Schulz
+    steps to converge (docs/optimizers/swan.md, "Cost")."""
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     y = a / torch.linalg.matrix_norm(a, keepdim=True)
-    t = 3 * eye - y  # step 1: Z = I, so ZY = Y and TZ = T exactly
-    z = 0.5 * t
-    for step in range(1, steps):
-        y = 0.5 * (y @ t)  # the Y of step ``step``, built from the previous T
-        t = 3 * eye - z @ y
-        z = 0.5 * (t @ z)
+    fused = torch.baddbmm if a.dim() == 3 else torch.addmm
+    qa, qb, qc = QUINTIC
+    three_halves, quintic_a = 1.5 * eye, qa * eye
+    z = None  # Z = I until the first step
+    for step in range(quintic_steps + steps):
+        if step < quintic_steps:
+            m = y if z is None else z @ y
+            h = fused(torch.add(quintic_a, m, alpha=qb), m, m, alpha=qc)
+        else:
+            h = three_halves - 0.5 * y if z is None else fused(three_halves, z, y, alpha=-0.5)
+        z = h if z is None else h @ z
+        if step < quintic_steps + steps - 1:  # the last Y is never read
+            y = y @ h
     return z
 
 
@@ -68,7 +89,7 @@ def whitening_side(m: int, n: int, centered_dim: int | None = 1) -> bool:
     return m > n or (m == n and centered_dim != 0)
 
 
-def whitening_root(a: Tensor, *, steps: int, damping: float, deflate: bool) -> Tensor:
+def whitening_root(a: Tensor, *, steps: int, damping: float, deflate: bool, quintic_steps: int = 0) -> Tensor:
     """``Z ≈ (A'/‖A'‖_F)^{-1/2}`` from the short-side Gram ``A``, with ``A' = A [+ (μA/d)·11ᵀ] + δ·μA·I``
     (docs/optimizers/swan.md, "Update").
 
@@ -78,7 +99,7 @@ def whitening_root(a: Tensor, *, steps: int, damping: float, deflate: bool) -> T
     all-zero Gram (trace 0) runs the iteration on the identity instead, which gives Δ = 0 exactly without a NaN,
     without a host round trip and without a branch (so under FSDP2 every rank runs the same collectives).
     A stack ``[B, d, d]`` gives each Gram its own μ, guard and root."""
-    return newton_schulz_inv_sqrt(damped_gram(a, damping=damping, deflate=deflate), steps)
+    return newton_schulz_inv_sqrt(damped_gram(a, damping=damping, deflate=deflate), steps, quintic_steps)
 
 
 def damped_gram(a: Tensor, *, damping: float, deflate: bool) -> Tensor:
@@ -93,7 +114,7 @@ def damped_gram(a: Tensor, *, damping: float, deflate: bool) -> Tensor:
     return torch.where(mean_eig > 0, a, eye)
 
 
-def whiten(x: Tensor, *, steps: int = 10, damping: float = 1e-6, centered_dim: int | None = 1,
+def whiten(x: Tensor, *, steps: int = 10, damping: float = 1e-6, centered_dim: int | None = 1, quintic_steps: int = 0,
            total_rows: int | None = None, gram_sum: Callable = _whole, gather: Callable = _whole,
            mine: Callable = _whole, on_owner: Callable = _here) -> Tensor:
     """SWAN's GradWhitening (docs/optimizers/swan.md, "Update"): approximately the polar factor of ``x``, not yet
@@ -121,11 +142,13 @@ def whiten(x: Tensor, *, steps: int = 10, damping: float = 1e-6, centered_dim: i
     with ieee_fp32():
         if right:
             a = gram_sum(x.mT @ x)
-            z = on_owner(lambda: whitening_root(a, steps=steps, damping=damping, deflate=deflate),
+            z = on_owner(lambda: whitening_root(a, steps=steps, damping=damping, deflate=deflate,
+                                                quintic_steps=quintic_steps),
                          torch.empty_like(a))
             return x @ z
         full = gather(x)
-        z = on_owner(lambda: whitening_root(full @ full.mT, steps=steps, damping=damping, deflate=deflate),
+        z = on_owner(lambda: whitening_root(full @ full.mT, steps=steps, damping=damping, deflate=deflate,
+                                            quintic_steps=quintic_steps),
                      x.new_empty((*x.shape[:-2], m, m)))
         return mine(z) @ full
 
@@ -160,21 +183,25 @@ class SWAN(MemtrainOptimizer):
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, adam_lr: float | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, ns_steps: int = 10,
-                 damping: float = 1e-6, row_eps: float = 1e-8, fp32_whitening: bool = True, norm_dim: int = 1):
+                 ns_quintic_steps: int = 0, damping: float = 1e-6, row_eps: float = 1e-8, fp32_whitening: bool = True,
+                 norm_dim: int = 1):
         """``adam_lr`` is the lr of the AdamW-T part (None: ``lr``); ``betas``/``eps`` are its options.
-        ``ns_steps`` Newton–Schulz iterations; ``damping`` δ relative to the Gram's mean eigenvalue; ``row_eps``
+        ``ns_steps`` Newton–Schulz iterations, after ``ns_quintic_steps`` steps of the faster-growing quintic
+        (:func:`newton_schulz_inv_sqrt`); ``damping`` δ relative to the Gram's mean eigenvalue; ``row_eps``
         floors the GradNorm std; ``fp32_whitening=False`` whitens in the gradient's dtype (bf16 models: bf16
         products) instead of IEEE fp32; ``norm_dim`` is the GradNorm axis (1: each output row over ``in``, the
         paper's formula; 0: each input column over ``out``)."""
         if not isinstance(ns_steps, int) or isinstance(ns_steps, bool) or ns_steps < 1:
             raise ValueError(f"ns_steps must be an integer >= 1, got {ns_steps!r}")
+        if not isinstance(ns_quintic_steps, int) or isinstance(ns_quintic_steps, bool) or ns_quintic_steps < 0:
+            raise ValueError(f"ns_quintic_steps must be an integer >= 0, got {ns_quintic_steps!r}")
         if norm_dim not in (0, 1) or isinstance(norm_dim, bool):
             raise ValueError(f"norm_dim must be 1 (standardise each row) or 0 (each column), got {norm_dim!r}")
         _check_hyper("damping", damping)
         _check_hyper("row_eps", row_eps, positive=True)
         super().__init__(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, adam_lr=adam_lr,
-                         ns_steps=ns_steps, damping=damping, row_eps=row_eps, fp32_whitening=fp32_whitening,
-                         norm_dim=norm_dim)
+                         ns_steps=ns_steps, ns_quintic_steps=ns_quintic_steps, damping=damping, row_eps=row_eps,
+                         fp32_whitening=fp32_whitening, norm_dim=norm_dim)
         for group in self.param_groups:
             if group["role"] == "other":
                 warnings.warn(f"swan: parameters {group['names']} have role 'other' (2+ dims, not a linear weight); "
@@ -182,21 +209,22 @@ class SWAN(MemtrainOptimizer):
 
     def update(self, param, grad, state, group, rows):
         layout = group.get("layout", "linear")
-        delta = swan_direction(grad, rows, layout=layout, norm_dim=group["norm_dim"], row_eps=group["row_eps"],
-                               ns_steps=group["ns_steps"], damping=group["damping"],
-                               fp32_whitening=group["fp32_whitening"])
+        delta = swan_direction(grad, rows, layout=layout, **_direction_options(group))
         with fp32_view(param) as p32:
             descend_(as_out_in(p32, layout), delta, lr=group["lr"], weight_decay=group["weight_decay"])
 
     def update_batch(self, params, grads, group):
         stack = torch.stack(grads)
-        self.descend_each(params, swan_direction(
-            stack, unsharded(stack[0]), norm_dim=group["norm_dim"], row_eps=group["row_eps"],
-            ns_steps=group["ns_steps"], damping=group["damping"], fp32_whitening=group["fp32_whitening"]), group)
+        self.descend_each(params, swan_direction(stack, unsharded(stack[0]), **_direction_options(group)), group)
+
+
+def _direction_options(group: dict) -> dict:
+    return {k: group[k] for k in ("norm_dim", "row_eps", "ns_steps", "ns_quintic_steps", "damping", "fp32_whitening")}
 
 
 def swan_direction(grad: Tensor, rows: Rows, *, layout: str = "linear", norm_dim: int = 1, row_eps: float = 1e-8,
-                   ns_steps: int = 10, damping: float = 1e-6, fp32_whitening: bool = True) -> Tensor:
+                   ns_steps: int = 10, ns_quintic_steps: int = 0, damping: float = 1e-6,
+                   fp32_whitening: bool = True) -> Tensor:
     """SWAN's update direction (docs/optimizers/swan.md, "Update"; ``[out, in]``) for this rank's rows ``grad`` of a
     matrix split as ``rows`` says; unsharded rows make every collective the identity (the single-process numerics),
     and then ``grad`` may be a stack ``[B, m, n]`` of same-shape gradients (``layout="linear"``), one direction each.
@@ -210,7 +238,7 @@ def swan_direction(grad: Tensor, rows: Rows, *, layout: str = "linear", norm_dim
     x = standardize(g, dim=norm_dim, eps=row_eps, column_mean=rows.column_mean)
     if not fp32_whitening:
         x = x.to(grad.dtype)
-    delta = whiten(x, steps=ns_steps, damping=damping, centered_dim=norm_dim, total_rows=rows.total,
-                   gram_sum=rows.sum, gather=rows.gather, mine=rows.mine, on_owner=rows.on_owner)
+    delta = whiten(x, steps=ns_steps, quintic_steps=ns_quintic_steps, damping=damping, centered_dim=norm_dim,
+                   total_rows=rows.total, gram_sum=rows.sum, gather=rows.gather, mine=rows.mine, on_owner=rows.on_owner)
     return unit_rms(delta.float(), norm_sq=lambda d: rows.sum(frobenius_sq(d)), numel=rows.total * delta.shape[-1])
 

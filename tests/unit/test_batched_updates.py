@@ -14,6 +14,12 @@ from ..conftest import lm_batch, tiny_llama
 CASES = [("swan", {}), ("swan", {"norm_dim": 0}), ("sinkgd", {})]
 
 
+@pytest.fixture(autouse=True)
+def batch_on_cpu(monkeypatch):
+    """Stacks are for accelerators (base.BATCH_ON_CPU); here they run on CPU so that their math is tested."""
+    monkeypatch.setattr(memtrain.optim.base, "BATCH_ON_CPU", True)
+
+
 def _grads(model, step):
     model.zero_grad()
     model(**lm_batch(step)).loss.backward()
@@ -55,9 +61,8 @@ def test_batched_step_equals_the_per_matrix_path(name, options, monkeypatch):
     calls = _spy(monkeypatch, name)
     batched, opt = _run(name, options, batched=True)
     # tiny_llama's 2 layers: q/o 32x32, k/v 16x32, gate/up 48x32, down 32x48. The largest matrix (1,536 elements)
-    # bounds a stack: k/v go 3 + 1, the rest one by one.
-    assert sorted(map(len, calls[:12])) == [1] * 11 + [3] and len(calls) == 36
-    assert ((16, 32),) * 3 in calls
+    # bounds a stack: k/v go 3 + 1, the rest one by one, and a stack of one takes the per-matrix path.
+    assert calls == [((16, 32),) * 3] * 3
     per_matrix, ref_opt = _run(name, options, batched=False)
     _assert_same(batched, per_matrix, rtol=1e-6, atol=1e-7)  # observed: swan bitwise, sinkgd <= 3e-8
     assert opt.state_dict()["state"].keys() == ref_opt.state_dict()["state"].keys()
@@ -65,7 +70,8 @@ def test_batched_step_equals_the_per_matrix_path(name, options, monkeypatch):
 
 @pytest.mark.parametrize("name", ["swan", "sinkgd"])
 def test_a_stack_is_never_larger_than_the_largest_matrix(name, monkeypatch):
-    """So batching never raises the step's memory peak: five 8x8 matrices next to one 16x8 go in stacks of 2, 2, 1."""
+    """So batching never raises the step's memory peak: five 8x8 matrices next to one 16x8 go in stacks of 2, 2, 1
+    (the last, and the 16x8, on the per-matrix path)."""
     calls = _spy(monkeypatch, name)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(5)] + [torch.nn.Parameter(torch.randn(16, 8))]
@@ -76,7 +82,7 @@ def test_a_stack_is_never_larger_than_the_largest_matrix(name, monkeypatch):
         p.grad = torch.randn(p.shape)
         c.grad = p.grad.clone()
     opt.step()
-    assert sorted(len(c) for c in calls) == [1, 1, 2, 2]
+    assert [len(c) for c in calls] == [2, 2]
     _per_matrix_step(ref)
     for p, c in zip(params, copies):
         torch.testing.assert_close(p, c, rtol=1e-6, atol=1e-7)
@@ -99,3 +105,36 @@ def test_unbatched_methods_and_fallback_groups_keep_the_per_matrix_path(monkeypa
     opt.step()
     assert set(seen) == {"matrix"}  # embedding/head/vectors: the AdamW fallback, one parameter at a time
     assert not memtrain.build_optimizer(tiny_llama(), "adamw", lr=1e-3).batched
+
+
+@pytest.mark.parametrize("name", ["swan", "sinkgd"])
+def test_a_cpu_step_is_per_matrix_by_default(name, monkeypatch):
+    monkeypatch.setattr(memtrain.optim.base, "BATCH_ON_CPU", False)
+    calls = _spy(monkeypatch, name)
+    model = tiny_llama()
+    opt = memtrain.build_optimizer(model, name, lr=1e-3)
+    _grads(model, 0)
+    opt.step()
+    assert calls == [] and opt.batched
+
+
+@pytest.mark.parametrize("name", ["swan", "sinkgd"])
+def test_a_batched_step_never_syncs_and_runs_on_fake_tensors(name, monkeypatch):
+    """The stacked path keeps the step contract (tests/contract/test_host_sync.py checks the per-matrix one)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    from ..contract.test_host_sync import HostSyncs, small_llama, steps
+    calls = _spy(monkeypatch, name)
+    model = tiny_llama()
+    opt = memtrain.build_optimizer(model, name, lr=1e-3)
+    for step in range(2):
+        _grads(model, step)
+        with HostSyncs() as syncs:
+            opt.step()
+        assert syncs.count == 0
+    assert len(calls) == 2  # the k/v stack of each step
+    with FakeTensorMode():
+        fake = small_llama()
+        fake_opt = memtrain.build_optimizer(fake, name, lr=1e-3)
+        steps(fake, fake_opt, 0, 2)
+    assert len(calls) > 2 and all(is_fake(p) for p in fake.parameters())

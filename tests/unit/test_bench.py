@@ -273,3 +273,13 @@ def test_the_command_asks_for_a_preset_or_entries(capsys, tmp_path):
     assert "give --preset FILE" in err and "not both" in err
     with pytest.raises(ValueError, match="not found"):
         bench.main(["--preset", str(tmp_path / "nope.yaml")])
+
+
+def test_the_shipped_presets_load():
+    """Every preset under configs/bench/ parses and validates (a typo there would fail only when a user runs it)."""
+    from pathlib import Path
+    presets = sorted(Path(__file__).resolve().parents[2].joinpath("configs", "bench").glob("*.yaml"))
+    assert {p.stem for p in presets} >= {"pretrain-cpu", "smoke", "throughput-cpu"}
+    for path in presets:
+        preset = bench.load_preset(path)
+        assert preset.name == path.stem and preset.candidates and preset.baseline_candidate() is not None

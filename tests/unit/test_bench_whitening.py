@@ -9,14 +9,19 @@ from memtrain.optim.swan import standardize, unit_rms, whiten
 
 def test_whitening_bench_on_llama_tiny(tmp_path):
     out = tmp_path / "w.md"
-    rows = whitening.main(["--model", "llama-tiny", "--out", str(out)])
+    result = whitening.main(["--model", "llama-tiny", "--out", str(out)])
+    rows, distances = result["rows"], result["distances"]
     assert {tuple(r["shape"]) for r in rows} == {(128, 128), (352, 128), (128, 352)}
+    assert all(len(d) == 4 * 7 for d in distances.values())  # every hidden matrix of llama-tiny's 4 layers
     for r in rows:
         roots = r["roots"]
         assert all(v["ms"] > 0 for v in roots.values()) and r["gram_ms"] > 0
         assert roots["newton-schulz k=20"]["distance"] < roots["newton-schulz k=5"]["distance"]
         # the exact root: close (the damping's own effect, ~1e-3 here), far closer than 5 steps
         assert roots["eigh (exact root)"]["distance"] < min(1e-2, roots["newton-schulz k=5"]["distance"] / 10)
+    # each row's distance is its matrix's entry in the all-matrix list
+    first = next(i for i, (name, _) in enumerate(whitening._gradients("llama-tiny", 0)) if name == rows[0]["matrix"])
+    assert rows[0]["roots"]["quintic 3 + newton-schulz 3"]["distance"] == distances["quintic 3 + newton-schulz 3"][first]
     assert out.read_text().splitlines()[1] == f"`memtrain bench whitening --model llama-tiny --out {out}`"
 
 

@@ -79,11 +79,14 @@ def test_conv1d_layout_is_the_transposed_linear_update():
 
 
 def test_options_parse_and_reach_the_groups():
-    opts = memtrain.parse_optim_args("swan", "ns_steps=20,damping=1e-7,fp32_whitening=false,norm_dim=0,adam_lr=0.01")
-    assert opts == {"ns_steps": 20, "damping": 1e-7, "fp32_whitening": False, "norm_dim": 0, "adam_lr": 0.01}
+    opts = memtrain.parse_optim_args(
+        "swan", "ns_steps=20,ns_quintic_steps=3,damping=1e-7,fp32_whitening=false,norm_dim=0,adam_lr=0.01")
+    assert opts == {"ns_steps": 20, "ns_quintic_steps": 3, "damping": 1e-7, "fp32_whitening": False, "norm_dim": 0,
+                    "adam_lr": 0.01}
     opt = memtrain.build_optimizer(tiny_llama(), "swan", lr=1e-3, **opts)
     matrix = next(g for g in opt.param_groups if g["role"] == "matrix")
-    assert (matrix["ns_steps"], matrix["damping"], matrix["fp32_whitening"], matrix["norm_dim"]) == (20, 1e-7, False, 0)
+    assert (matrix["ns_steps"], matrix["ns_quintic_steps"], matrix["damping"], matrix["fp32_whitening"],
+            matrix["norm_dim"]) == (20, 3, 1e-7, False, 0)
     assert memtrain.optim.get_spec("swan").stateless
 
 
