@@ -453,6 +453,9 @@ def fairness(preset: Preset) -> str:
     if "adam_lr" in base.grid and len(base.grid["adam_lr"]) > 1:
         text = (f"`{base.label}` gets two tuned lrs: `lr` for the hidden matrices and `adam_lr` for the embedding, "
                 "head and vectors, the freedom methods with their own non-matrix lr have.")
+    elif "adam_lr" in base.grid or "adam_lr" in base.args:
+        text = (f"`{base.label}` has two lrs, each at one value here: `lr` for the hidden matrices and `adam_lr` for "
+                "the embedding, head and vectors.")
     else:
         text = f"`{base.label}` has one lr for every parameter."
     if tied:

@@ -283,3 +283,14 @@ def test_the_shipped_presets_load():
     for path in presets:
         preset = bench.load_preset(path)
         assert preset.name == path.stem and preset.candidates and preset.baseline_candidate() is not None
+
+
+@pytest.mark.parametrize("adamw,text", [
+    ("grid: {lr: [1.0e-3, 3.0e-3], adam_lr: [1.0e-3, 1.0e-2]}", "gets two tuned lrs"),
+    ("grid: {lr: [3.0e-4], adam_lr: [1.0e-2]}", "has two lrs, each at one value here"),
+    ("grid: {lr: [1.0e-3, 3.0e-3]}", "has one lr for every parameter"),
+])
+def test_the_fairness_line_says_which_lrs_the_baseline_had(tmp_path, adamw, text):
+    preset = bench.load_preset(write(tmp_path, f"name: p\nmodel: llama-tiny\nmax_steps: 1\noptimizers:\n"
+                                               f"  adamw:\n    {adamw}\n"))
+    assert bench.fairness(preset).startswith(f"`adamw` {text}")

@@ -53,3 +53,12 @@ def test_bad_entries_are_refused_before_anything_runs(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown reference\\(s\\) nosuch; references are: torch-adamw"):
         step.main(["--optims", "adamw", "--references", "nosuch", "--out", str(out)])
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_the_default_entries_are_every_optimizer_and_the_variants_next_to_their_method():
+    from memtrain.optim import registry
+    entries = step.default_entries()
+    assert [e.split(":")[0] for e in entries if e not in sum(step.VARIANTS.values(), [])] == \
+        [n for n in registry.BUILTINS if n in registry.optimizer_names()]
+    assert entries[entries.index("swan") + 1] == "swan:ns_quintic_steps=3,ns_steps=3"
+    assert "galore:rank=64" in entries and "fira:rank=64" in entries and "apollo:rank=64" in entries
