@@ -24,26 +24,29 @@ def sinkhorn(g: Tensor, iterations: int = 5, eps: float = 1e-8, *, column_sum: C
     1. A stack ``[B, m, n]`` normalises each matrix on its own.
 
     Every half-step only rescales rows or columns, so the result is ``diag(r)·G·diag(c)``: G⊙G is formed once and
-    each half-step is one matrix–vector product with it (the row RMS of the current iterate is
-    ``r_i·√(mean_j G²_ij c²_j)``), instead of four passes over a new matrix. Same math as normalising the matrix
-    itself, to fp32 rounding (docs/optimizers/sinkgd.md, "Cost"). A row or column whose squares are all 0 keeps its
-    scale (it stays 0 either way; dividing it by ``eps`` at every half-step would overflow the scale).
+    each half-step is one matrix–vector product with it, on the squared scales (the row mean square of the current
+    iterate is ``r²_i·mean_j G²_ij c²_j``, so ``r²_i ← r²_i / max(that, ε²)``), instead of four passes over a new
+    matrix. Same math as normalising the matrix itself, to fp32 rounding (docs/optimizers/sinkgd.md, "Cost"). A row
+    or column whose squares are all 0 keeps its scale (it stays 0 either way; dividing it by ``eps`` at every
+    half-step would overflow the scale).
 
     Under FSDP2 ``g`` is this rank's rows of a ``total_rows``-row matrix and ``column_sum`` all-reduces the column
     sums (``sharding.Rows.sum``); row half-steps are local."""
     sq = g.square()
     m, n = (g.shape[-2] if total_rows is None else total_rows), g.shape[-1]
-    r = g.new_ones((*g.shape[:-1], 1))
-    c = g.new_ones((*g.shape[:-2], 1, g.shape[-1]))
+    r2 = g.new_ones((*g.shape[:-1], 1))
+    c2 = g.new_ones((*g.shape[:-2], 1, g.shape[-1]))
+    floor = eps * eps
 
-    def rescale(scale: Tensor, mean_sq: Tensor) -> Tensor:
-        rms = scale * mean_sq.sqrt()
-        return torch.where(mean_sq > 0, scale / rms.clamp(min=eps), scale)
+    def rescale(scale2: Tensor, sums: Tensor, count: int) -> Tensor:
+        mean_sq = sums.mul_(scale2).div_(count)  # ``sums`` is a fresh product: updated in place
+        nonzero = mean_sq > 0
+        return torch.where(nonzero, scale2 / mean_sq.clamp_(min=floor), scale2)
 
     for _ in range(iterations):
-        r = rescale(r, (sq @ c.square().mT) / n)
-        c = rescale(c, column_sum(r.square().mT @ sq) / m)
-    return torch.mul(g, c).mul_(r)  # one new matrix: g·r·c would allocate two
+        r2 = rescale(r2, sq @ c2.mT, n)
+        c2 = rescale(c2, column_sum(r2.mT @ sq), m)
+    return torch.mul(g, c2.sqrt_()).mul_(r2.sqrt_())  # one new matrix: g·r·c would allocate two
 
 
 class SinkGD(MemtrainOptimizer):
