@@ -47,11 +47,6 @@ FALLBACK = "adamw"
 #: name -> "module:Class" under memtrain.optim (adamw: this base's own AdamW).
 FALLBACKS = {"adamw": "", "adam4bit": "adam4bit:Adam4bit", "adafactor": "adafactor:Adafactor"}
 SHAPED_ROLES = ("matrix", "embedding", "head")
-#: Batched matrix updates are for accelerators, where a stack replaces one kernel launch per matrix per stage. On a
-#: CPU every op runs synchronously at a few µs of overhead and one matrix at a time stays in cache, so the
-#: per-matrix path is as fast or faster there (docs/registry-and-routing.md, "Batched matrix updates"); the tests
-#: turn this on to run the stacked code on CPU.
-BATCH_ON_CPU = False
 
 
 def _check_hyper(name: str, value, *, positive: bool = False) -> None:
@@ -376,8 +371,7 @@ class MemtrainOptimizer(Optimizer):
         ``batched`` method, by shape, dtypes and device. Sharded (FSDP2) matrices keep the per-matrix path, whose
         collectives and owner rank are per matrix; layer-wise release sees one parameter at a time anyway."""
         if not self.batched or group["method"] != self.name or isinstance(param, DTensor) or param.dim() != 2 \
-                or group.get("layout", "linear") != "linear" or param.grad.is_sparse \
-                or (param.device.type == "cpu" and not BATCH_ON_CPU):
+                or group.get("layout", "linear") != "linear" or param.grad.is_sparse:
             return None
         return param.shape, param.dtype, param.grad.dtype, param.device
 

@@ -14,12 +14,6 @@ from ..conftest import lm_batch, tiny_llama
 CASES = [("swan", {}), ("swan", {"norm_dim": 0}), ("sinkgd", {})]
 
 
-@pytest.fixture(autouse=True)
-def batch_on_cpu(monkeypatch):
-    """Stacks are for accelerators (base.BATCH_ON_CPU); here they run on CPU so that their math is tested."""
-    monkeypatch.setattr(memtrain.optim.base, "BATCH_ON_CPU", True)
-
-
 def _grads(model, step):
     model.zero_grad()
     model(**lm_batch(step)).loss.backward()
@@ -108,19 +102,9 @@ def test_unbatched_methods_and_fallback_groups_keep_the_per_matrix_path(monkeypa
 
 
 @pytest.mark.parametrize("name", ["swan", "sinkgd"])
-def test_a_cpu_step_is_per_matrix_by_default(name, monkeypatch):
-    monkeypatch.setattr(memtrain.optim.base, "BATCH_ON_CPU", False)
-    calls = _spy(monkeypatch, name)
-    model = tiny_llama()
-    opt = memtrain.build_optimizer(model, name, lr=1e-3)
-    _grads(model, 0)
-    opt.step()
-    assert calls == [] and opt.batched
-
-
-@pytest.mark.parametrize("name", ["swan", "sinkgd"])
 def test_a_batched_step_never_syncs_and_runs_on_fake_tensors(name, monkeypatch):
-    """The stacked path keeps the step contract (tests/contract/test_host_sync.py checks the per-matrix one)."""
+    """The stacked path keeps the step contract (tests/contract/test_host_sync.py checks every optimizer's default
+    path; this checks that the stacks are what ran)."""
     from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
     from ..contract.test_host_sync import HostSyncs, small_llama, steps
