@@ -454,8 +454,10 @@ def fairness(preset: Preset) -> str:
         text = (f"`{base.label}` gets two tuned lrs: `lr` for the hidden matrices and `adam_lr` for the embedding, "
                 "head and vectors, the freedom methods with their own non-matrix lr have.")
     elif "adam_lr" in base.grid or "adam_lr" in base.args:
-        text = (f"`{base.label}` has two lrs, each at one value here: `lr` for the hidden matrices and `adam_lr` for "
-                "the embedding, head and vectors.")
+        def how(key):
+            return "tuned" if len(base.grid.get(key, [])) > 1 else "one value"
+        text = (f"`{base.label}` has two lrs: `lr` for the hidden matrices ({how('lr')}) and `adam_lr` for the "
+                f"embedding, head and vectors ({how('adam_lr')}).")
     else:
         text = f"`{base.label}` has one lr for every parameter."
     if tied:

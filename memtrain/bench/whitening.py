@@ -6,7 +6,7 @@ exact polar factor (docs/optimizers/swan.md, "Cost").
 For one gradient of every hidden-matrix shape of the model (from one forward/backward on random tokens), the
 parts of SWAN's direction are timed separately (GradNorm, the Gram, the root, applying it, the rescale), and the
 root is computed every way in :data:`ROOTS`: ``ns_steps`` of 5 to 20; 3 or 4 quintic steps before the Newton–Schulz
-ones (``ns_quintic_steps``); bf16 products; and exactly, by an eigendecomposition of the same damped, deflated Gram
+ones (``ns_quintic_steps``); bf16 products at k = 10 and 15; and exactly, by an eigendecomposition of the same damped, deflated Gram
 (``torch.linalg.eigh``; not used by ``swan``: on CUDA it checks its result on the host, a sync per matrix).
 Distance: ``‖Δ − P‖_F / ‖P‖_F`` of the unit-RMS direction Δ from the unit-RMS polar factor P of the standardised
 gradient on its range (fp64 SVD, :func:`polar_factor`), for every hidden matrix of the model. Times are the median
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -55,16 +56,24 @@ def polar_factor(x: torch.Tensor, rel_tol: float = 1e-5) -> torch.Tensor:
     return unit_rms(u[:, keep] @ vh[keep])
 
 
-#: The roots compared: name → ``root(a, deflate)`` on the short-side Gram ``a`` (the same A' for all; damping 1e-6).
-#: "quintic q + newton-schulz k" is ``swan``'s ``ns_quintic_steps=q, ns_steps=k``; the bf16 row runs the default
-#: iteration with bf16 products (``fp32_whitening=false`` on a bf16 model).
+DAMPING = 1e-6  # swan's default δ
+
+
+def _newton_schulz(steps: int, quintic_steps: int = 0, dtype: torch.dtype = torch.float32):
+    """``swan``'s root with ``ns_steps=steps, ns_quintic_steps=quintic_steps``, its products in ``dtype``."""
+    def root(a: torch.Tensor, deflate: bool) -> torch.Tensor:
+        return whitening_root(a.to(dtype), steps=steps, quintic_steps=quintic_steps, damping=DAMPING,
+                              deflate=deflate).float()
+    return root
+
+
+#: The roots compared: name → ``root(a, deflate)`` on the same fp32 short-side Gram ``a``. The bf16 rows run only
+#: the root's products in bf16 (the Gram and the apply stay fp32), to show the iteration's own bf16 behaviour.
 ROOTS = {
-    **{f"newton-schulz k={k}": (lambda k: lambda a, d: whitening_root(a, steps=k, damping=1e-6, deflate=d))(k)
-       for k in (5, 10, 15, 20)},
-    **{f"quintic {q} + newton-schulz {k}": (lambda q, k: lambda a, d: whitening_root(
-        a, steps=k, quintic_steps=q, damping=1e-6, deflate=d))(q, k) for q, k in ((3, 2), (3, 3), (4, 3))},
-    "newton-schulz k=10, bf16": lambda a, d: whitening_root(a.bfloat16(), steps=10, damping=1e-6, deflate=d).float(),
-    "eigh (exact root)": lambda a, d: _eigh_root(a, 1e-6, d),
+    **{f"newton-schulz k={k}": _newton_schulz(k) for k in (5, 10, 15, 20)},
+    **{f"quintic {q} + newton-schulz {k}": _newton_schulz(k, q) for q, k in ((3, 2), (3, 3), (4, 3))},
+    **{f"newton-schulz k={k}, bf16": _newton_schulz(k, dtype=torch.bfloat16) for k in (10, 15)},
+    "eigh (exact root)": lambda a, deflate: _eigh_root(a, DAMPING, deflate),
 }
 DEFAULT = "newton-schulz k=10"
 
@@ -120,12 +129,15 @@ def markdown(result: dict, meta: dict) -> str:
     shapes = [f"{r['shape'][0]}×{r['shape'][1]}" for r in rows]
     count = len(next(iter(distances.values()), []))
     lines += ["", "The root computed other ways: CPU ms per shape (that matrix), and the distance of the unit-RMS "
-              f"direction from the polar factor over all {count} hidden matrices (median, max):", "",
-              "| root | " + " | ".join(f"ms {s}" for s in shapes) + " | distance median | distance max |",
-              "|---|" + "---|" * (len(shapes) + 2)]
+              f"direction from the polar factor over all {count} hidden matrices (median and max of the finite ones, and how "
+              "many diverged to inf/NaN):", "",
+              "| root | " + " | ".join(f"ms {s}" for s in shapes) + " | distance median | distance max | non-finite |",
+              "|---|" + "---|" * (len(shapes) + 3)]
     for root, ds in distances.items():
         times = " | ".join(f"{r['roots'][root]['ms']:.2f}" for r in rows)
-        lines.append(f"| {root} | {times} | {statistics.median(ds):.2e} | {max(ds):.2e} |")
+        finite = [d for d in ds if math.isfinite(d)]  # a diverged root is counted, never averaged in
+        stats = f"{statistics.median(finite):.2e} | {max(finite):.2e}" if finite else "— | —"
+        lines.append(f"| {root} | {times} | {stats} | {len(ds) - len(finite)} of {len(ds)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -239,8 +239,8 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{report['memory_tracked_step']}'s {report['peak_memory_phase']}: {parts} MiB "
                      f"(tracked in {report['memory_tracking_seconds']:.2f} s)")
     lines += [
-        f"  steps / tokens       {report['global_steps']} / {report['train_tokens']:,} in {report['train_runtime_s']:.3f} s "
-        f"= {num(report['tokens_per_second'], ',.0f')} tokens/s",
+        f"  steps / tokens       {report['global_steps']} / {report['train_tokens']:,} in "
+        f"{report['train_runtime_s']:.3f} s = {num(report['tokens_per_second'], ',.0f')} tokens/s",
         f"  train loss           {num(report['train_loss'], '.4f')}",
     ]
     if report.get("world_size", 1) > 1:

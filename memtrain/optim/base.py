@@ -376,17 +376,17 @@ class MemtrainOptimizer(Optimizer):
         return param.shape, param.dtype, param.grad.dtype, param.device
 
     def _step_batch(self, group: dict, indices: list[int], limit: int) -> None:
-        params = [group["params"][i] for i in indices]
-        for index, param in zip(indices, params):
-            if not self.state[param]:  # touched as step_param does, so state_dict() lists the same entries
-                self._check_param(param, group, index)
-        per_chunk = max(1, limit // params[0].numel())
-        for start in range(0, len(params), per_chunk):
-            chunk = params[start:start + per_chunk]
+        per_chunk = max(1, limit // group["params"][indices[0]].numel())
+        for start in range(0, len(indices), per_chunk):
+            chunk = indices[start:start + per_chunk]
             if len(chunk) == 1:  # a stack of one would only add a copy
-                self.step_param(chunk[0], chunk[0].grad, group, indices[start])
-            else:
-                self.update_batch(chunk, [p.grad for p in chunk], group)
+                self.step_param(group["params"][chunk[0]], group["params"][chunk[0]].grad, group, chunk[0])
+                continue
+            params = [group["params"][i] for i in chunk]
+            for index, param in zip(chunk, params):
+                if not self.state[param]:  # touched as step_param does, so state_dict() lists the same entries
+                    self._check_param(param, group, index)
+            self.update_batch(params, [p.grad for p in params], group)
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:

@@ -92,7 +92,8 @@ def test_bf16_parameters_batched(name):
 
 def test_unbatched_methods_and_fallback_groups_keep_the_per_matrix_path(monkeypatch):
     seen = []
-    monkeypatch.setattr(type(memtrain.build_optimizer(tiny_llama(), "swan", lr=1e-3)), "update_batch", lambda self, params, grads, group: seen.append(group["role"]))
+    monkeypatch.setattr(type(memtrain.build_optimizer(tiny_llama(), "swan", lr=1e-3)), "update_batch",
+                        lambda self, params, grads, group: seen.append(group["role"]))
     model = tiny_llama()
     opt = memtrain.build_optimizer(model, "swan", lr=1e-3)
     _grads(model, 0)

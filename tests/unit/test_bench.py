@@ -287,7 +287,8 @@ def test_the_shipped_presets_load():
 
 @pytest.mark.parametrize("adamw,text", [
     ("grid: {lr: [1.0e-3, 3.0e-3], adam_lr: [1.0e-3, 1.0e-2]}", "gets two tuned lrs"),
-    ("grid: {lr: [3.0e-4], adam_lr: [1.0e-2]}", "has two lrs, each at one value here"),
+    ("grid: {lr: [3.0e-4], adam_lr: [1.0e-2]}", "has two lrs: `lr` for the hidden matrices (one value) and `adam_lr`"),
+    ("grid: {lr: [1.0e-4, 3.0e-4]}\n    args: {adam_lr: 1.0e-2}", "has two lrs: `lr` for the hidden matrices (tuned)"),
     ("grid: {lr: [1.0e-3, 3.0e-3]}", "has one lr for every parameter"),
 ])
 def test_the_fairness_line_says_which_lrs_the_baseline_had(tmp_path, adamw, text):

@@ -21,7 +21,8 @@ def test_whitening_bench_on_llama_tiny(tmp_path):
         assert roots["eigh (exact root)"]["distance"] < min(1e-2, roots["newton-schulz k=5"]["distance"] / 10)
     # each row's distance is its matrix's entry in the all-matrix list
     first = next(i for i, (name, _) in enumerate(whitening._gradients("llama-tiny", 0)) if name == rows[0]["matrix"])
-    assert rows[0]["roots"]["quintic 3 + newton-schulz 3"]["distance"] == distances["quintic 3 + newton-schulz 3"][first]
+    quintic = "quintic 3 + newton-schulz 3"
+    assert rows[0]["roots"][quintic]["distance"] == distances[quintic][first]
     assert out.read_text().splitlines()[1] == f"`memtrain bench whitening --model llama-tiny --out {out}`"
 
 
@@ -35,3 +36,13 @@ def test_distance_is_that_of_swans_own_direction():
     torch.testing.assert_close(x @ z, whiten(x), rtol=0, atol=0)
     exact = whitening._eigh_root(x.mT @ x, 1e-6, True)
     assert ((unit_rms((x @ exact).double()) - polar).norm() / polar.norm()) < 1e-5
+
+
+def test_a_diverged_root_is_counted_not_averaged():
+    result = {"rows": [{"matrix": "w", "shape": [4, 2], "side": "right", "gradnorm_ms": 1.0, "gram_ms": 1.0,
+                        "apply_ms": 1.0, "rescale_ms": 1.0,
+                        "roots": {whitening.DEFAULT: {"ms": 2.0, "distance": 0.1}, "b": {"ms": 1.0, "distance": 0.3}}}],
+              "distances": {whitening.DEFAULT: [0.1, 0.3, 0.2], "b": [float("nan"), 0.3, float("inf")]}}
+    page = whitening.markdown(result, {"model": "m", "command": "c", "torch": "t", "threads": 1})
+    assert f"| {whitening.DEFAULT} | 2.00 | 2.00e-01 | 3.00e-01 | 0 of 3 |" in page
+    assert "| b | 1.00 | 3.00e-01 | 3.00e-01 | 2 of 3 |" in page
