@@ -20,6 +20,7 @@ from memtrain.optim import sharding
 from memtrain.hf.metrics import optimizer_state_bytes
 
 from tests.distributed.parity_worker import LR, full, fully_shard_units, tiny_llama, train
+from tests.distributed.launch import leave
 
 #: name -> (adapter, adapter options). LoRA factors start random (``init_lora_weights=False``) so that B ≠ 0
 #: and every term of the methods is exercised from step 1.
@@ -93,3 +94,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave()

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from memtrain import estimate
+from tests.distributed.launch import leave
 
 
 def main():
@@ -37,8 +38,8 @@ def main():
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    leave()

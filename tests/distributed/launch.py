@@ -4,14 +4,29 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 
 def env():
+    # PYTHONFAULTHANDLER: a rank killed by a signal (SIGABRT, SIGSEGV) prints every thread's Python stack.
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONFAULTHANDLER": "1"}
+
+
+def leave() -> NoReturn:
+    """A worker's last act once its results are written: end the process group (barrier, destroy), flush, and exit
+    0 through ``os._exit``. That skips interpreter finalisation, where torch's gloo backend can still abort a
+    finished rank ("terminate called without an active exception", SIGABRT: pytorch/pytorch#190489, #179291); CI
+    hit that once, after every result had been written. A worker that raises never gets here and exits non-zero."""
+    from memtrain.hf.engines import end_process_group
+
+    end_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 400) -> subprocess.CompletedProcess:

@@ -3,14 +3,13 @@ without layer-wise release, gradient accumulation 2. Rank 0 writes the max-abs p
 logged losses to the JSON file named by ``LAYERWISE_DDP_OUT``."""
 import json
 import os
-import sys
 
 import torch
 
 import memtrain
-from memtrain.hf.engines import end_process_group
 from tests.conftest import tiny_llama
 from tests.integration.test_trainer import pattern_dataset
+from tests.distributed.launch import leave
 
 
 def run(layerwise: bool, out_dir: str):
@@ -37,9 +36,8 @@ def main():
             json.dump({"max_abs_diff": max((a - b).abs().max().item() for a, b in zip(layerwise, standard)),
                        "losses": [std_losses, lw_losses], "world_size": torch.distributed.get_world_size(),
                        "replicas_identical": all(torch.equal(g, gathered[0]) for g in gathered)}, f)
-    end_process_group()
-    sys.exit(0)
 
 
 if __name__ == "__main__":
     main()
+    leave()

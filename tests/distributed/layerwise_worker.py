@@ -27,6 +27,7 @@ from memtrain.hf.engines import end_process_group
 from memtrain.hf.metrics import storage_bytes
 from tests.conftest import VOCAB, lm_batch, tiny_llama
 from tests.distributed.parity_worker import OPTIONS, full, fully_shard_units
+from tests.distributed.launch import leave
 
 GLOBAL_BATCH, STEPS, LR = 8, 3, 1e-2
 #: parity_worker's options (a true low rank and a refresh inside the steps, galore/fira sign-fixed), except
@@ -153,3 +154,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave()

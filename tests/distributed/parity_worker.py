@@ -22,6 +22,7 @@ from memtrain.hf.engines import end_process_group
 from memtrain.optim import sharding
 from memtrain.hf.metrics import optimizer_state_bytes, storage_bytes
 from tests.optim_table import BY_NAME
+from tests.distributed.launch import leave
 
 STEPS, LR, GLOBAL_BATCH, LENGTH, VOCAB = 4, 3e-3, 8, 16, 64
 #: Options that make each method do its real work on this tiny model (the optimizer table's kwargs): a true low rank
@@ -138,3 +139,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave()

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch.distributed as dist
 
 from memtrain.recipes.arguments import parse_args
-from memtrain.hf.engines import enable_cpu_engines, end_process_group
+from memtrain.hf.engines import enable_cpu_engines
 from memtrain.hf import TrainingArguments
 from memtrain.recipes.pretrain import PRETRAIN_DEFAULTS, ModelDataArguments, run
 from tests.distributed.parity_worker import OPTIONS
+from tests.distributed.launch import leave
 
 #: parity_worker's options as optim_args: the same low rank with a projector refresh after the resume point
 #: (galore, fira) and quantised moments on the tiny model (adam4bit).
@@ -60,8 +61,8 @@ def main():
         results[entry] = {"first": first, "resumed": resumed}
     if not dist.is_initialized() or dist.get_rank() == 0:  # the single-process config starts no process group
         Path(ours.out).write_text(json.dumps(results, indent=1))
-    end_process_group()
 
 
 if __name__ == "__main__":
     main()
+    leave()
