@@ -42,6 +42,10 @@ class TrainingArguments(transformers.TrainingArguments):
         "help": "Layer-wise gradient release (memtrain optimizers): update each parameter inside backward and free "
                 "its gradient at once. Needs --max_grad_norm 0 (per-parameter clipping: optim_args "
                 "layerwise_clip=<norm>). Same as optim_args layerwise=true."})
+    spread_matrix_updates: bool = field(default=True, metadata={
+        "help": "Under DDP, with an optimizer whose matrix updates cost far more than sending them (swan, muon): each "
+                "rank updates ~1/world of the matrices and broadcasts them, bitwise the same result "
+                "(docs/distributed.md). false: every rank computes every update."})
     logging_nan_inf_filter: bool = field(default=False, metadata={
         "help": "HF's filter replaces a NaN/Inf step loss by the running average, so a diverged run logs a finite "
                 "(or 0) loss. memtrain's default false logs NaN as NaN (docs/nonfinite.md)."})

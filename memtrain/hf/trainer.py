@@ -12,6 +12,7 @@ import torch.distributed as dist
 import transformers
 from torch.utils.data import DataLoader, Subset
 
+from ..optim.base import MemtrainOptimizer
 from . import checkpoint as ckpt
 from . import engines, metrics
 from .factory import _optim_name, find_layerwise, is_memtrain_optimizer, optimizer_factory, optimizer_kwargs_from_args
@@ -71,7 +72,12 @@ class Trainer(transformers.Trainer):
             )
             kwargs["print_param_groups"] = getattr(self.args, "print_param_groups", False)
             self.optimizer_cls_and_kwargs = (factory, kwargs)
-        return super().create_optimizer(model)
+        optimizer = super().create_optimizer(model)
+        if (isinstance(optimizer, MemtrainOptimizer) and optimizer.spreads
+                and getattr(self.args, "spread_matrix_updates", True) and engines.trainer_engine(self) == "ddp"
+                and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            optimizer.spread_over_ranks()  # each rank updates ~1/world of the matrices (docs/distributed.md)
+        return optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         ids = inputs.get("input_ids") if isinstance(inputs, dict) else None

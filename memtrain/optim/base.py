@@ -19,7 +19,9 @@ A method subclasses :class:`MemtrainOptimizer`, names the roles it transforms in
 * the method's identity and capabilities as class attributes, which the registry reads (``registry.BUILTINS``);
 * FSDP2: ``update()`` gets the rank's local rows of a sharded parameter and its gradient, plus a
   :class:`~memtrain.optim.sharding.Rows` that provides the collectives the method's transforms need (see
-  ``memtrain/optim/sharding.py``); unsharded parameters get the same call with identity collectives.
+  ``memtrain/optim/sharding.py``); unsharded parameters get the same call with identity collectives;
+* DDP: ``spread_over_ranks`` lets each rank update a share of the owned matrices and broadcast them (methods that
+  set ``spreads``).
 """
 from __future__ import annotations
 
@@ -33,13 +35,14 @@ from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from .routing import ROLES
 from .capabilities import method_refusal
-from .sharding import Rows, local, unsharded
+from .sharding import Rows, Spread, local, unsharded
 from .transforms import TORCH, AdamConvention, adam_, descend_
 
 FALLBACK = "adamw"
@@ -146,6 +149,11 @@ class MemtrainOptimizer(Optimizer):
     #: Preset option values (a method's hyperparameter table) passed unless the user overrides them; never ``lr``.
     #: (Not called ``defaults``: torch's ``Optimizer.defaults`` is the instance's dict of group defaults.)
     presets: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    #: Under DDP each rank may update only its share of the owned matrices and receive the rest by broadcast
+    #: (:meth:`spread_over_ranks`): worth it where a matrix's update costs far more than sending it (SWAN's
+    #: whitening, Muon's Newton–Schulz). The other ranks still run :meth:`update_state`, so every rank's state
+    #: stays the same.
+    spreads: ClassVar[bool] = False
     #: ``step()`` hands the owned, unsharded same-shape matrices of a group to :meth:`update_batch` together
     #: (docs/registry-and-routing.md, "Batched matrix updates"); only stateless methods set it.
     batched: ClassVar[bool] = False
@@ -180,6 +188,7 @@ class MemtrainOptimizer(Optimizer):
         self._flagged: dict[str, tuple[Tensor, str]] = {}  # lazy warnings: key -> (device flag, message)
         self._warned_keys: set[str] = set()
         self._fallbacks: dict[str, MemtrainOptimizer] = {}  # fallback method name -> its per-parameter update
+        self._spread_over: tuple | None = None  # (process group, world size) once spread_over_ranks() is called
 
     # -- the method for the roles this one does not own ------------------------------------------------
     def use_fallback(self, name: str) -> "MemtrainOptimizer":
@@ -218,6 +227,25 @@ class MemtrainOptimizer(Optimizer):
         self._fallbacks[name] = method
         return self
 
+    # -- data parallelism: each rank updates a share of the matrices --------------------------------------
+    def spread_over_ranks(self, group=None) -> "MemtrainOptimizer":
+        """Under DDP (every rank holds the same parameters and, after DDP's all-reduce, the same gradients): from
+        now on each rank of ``group`` (None: the default process group) updates only its share of the owned
+        matrices, about 1/world of each shape, and receives the others by broadcast from their owners, bitwise what
+        it would have computed itself (docs/distributed.md, "Spreading matrix updates over DDP ranks"). The
+        fallback's parameters are updated on every rank as before. memtrain's Trainer calls this under DDP for
+        methods that set :attr:`spreads`. FSDP2's sharded matrices keep their own owner-rank scheme, and
+        layer-wise release (whose hooks update one parameter as its gradient is ready) does not spread. A group
+        of one rank changes nothing. Returns ``self``."""
+        if not self.spreads:
+            raise ValueError(f"{self.name} does not spread its updates over ranks: only methods whose matrix "
+                             "updates cost far more than sending the matrix do (swan, muon)")
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("spread_over_ranks needs an initialised process group (torch.distributed)")
+        world = dist.get_world_size(group)
+        self._spread_over = (group, world) if world > 1 else None
+        return self
+
     # -- warnings about tensor values, without a host sync ---------------------------------------------
     def flag_warning(self, key: str, flag: Tensor, message: str) -> None:
         """Remember that ``message`` is due if the 0-d boolean ``flag`` is (or, for ``key``, ever was) True.
@@ -253,6 +281,11 @@ class MemtrainOptimizer(Optimizer):
         ``param``/``grad`` are this rank's rows and ``rows`` gives the collectives; state that holds this rank's
         rows is stored with ``rows.keep()`` and read with ``sharding.local()``."""
         raise NotImplementedError(f"{type(self).__name__} owns roles {sorted(self.owns)} but has no update()")
+
+    def update_state(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+        """The state part of :meth:`update` alone (a momentum buffer's update), bitwise as :meth:`update` does it:
+        what a rank runs for a matrix another rank updates under :meth:`spread_over_ranks`. Stateless methods:
+        nothing."""
 
     def update_batch(self, params: list[Tensor], grads: list[Tensor], group: dict) -> None:
         """Update same-shape, unsharded ``[out, in]`` matrices of an owned role at once, with the same result as
@@ -349,12 +382,20 @@ class MemtrainOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        spread = Spread(*self._spread_over) if self._spread_over is not None else None
         for group in self.param_groups:
             batches: dict[tuple, list[int]] = {}
             for index, param in enumerate(group["params"]):
                 if param.grad is None:  # skipped, no state, no counter (docs/registry-and-routing.md)
                     continue
                 key = self._batch_key(param, group)
+                if spread is not None and group["method"] == self.name and not isinstance(param, DTensor) \
+                        and spread.owner(param, key or param.shape) != spread.rank:
+                    state = self.state[param]  # touched as on its owner: state_dict() lists it
+                    if not state:
+                        self._check_param(param, group, index)
+                    self.update_state(param, param.grad, state, group)
+                    continue
                 if key is None:
                     self.step_param(param, param.grad, group, index)
                 else:
@@ -364,6 +405,8 @@ class MemtrainOptimizer(Optimizer):
             limit = max((group["params"][i].numel() for indices in batches.values() for i in indices), default=0)
             for indices in batches.values():
                 self._step_batch(group, indices, limit)
+        if spread is not None:
+            spread.finish()
         return loss
 
     def _batch_key(self, param: Tensor, group: dict) -> tuple | None:

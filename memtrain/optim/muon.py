@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .base import MemtrainOptimizer, _check_hyper, fp32_view
-from .sharding import Rows, local
+from .sharding import Rows, local, unsharded
 from .swan import QUINTIC, whiten
 from .transforms import as_out_in
 
@@ -66,6 +66,7 @@ class Muon(MemtrainOptimizer):
     owns = frozenset({"matrix"})
     needs_matrix_shape = True
     fsdp2 = True  # gather, orthogonalise on the owner rank, broadcast (docs/optimizers/muon.md)
+    spreads = True  # under DDP each rank orthogonalises ~1/world of the matrices and broadcasts them
     deepspeed = False  # flat 1-D partitions have no rows: refused
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, adam_lr: float | None = None,
@@ -100,13 +101,8 @@ class Muon(MemtrainOptimizer):
                          scale=scale, damping=damping)
 
     def update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
-        if not state:
-            state["momentum_buffer"] = rows.keep(torch.zeros_like(param, dtype=torch.float32))
-        g = grad.float()
-        buf = local(state["momentum_buffer"])
-        mu = group["momentum"]
-        buf.lerp_(g, 1 - mu)
-        direction = g.lerp(buf, mu) if group["nesterov"] else buf
+        g, buf = self._momentum(param, grad, state, group, rows)
+        direction = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
         layout = group.get("layout", "linear")
         m, n = as_out_in(direction, layout).shape
         m = rows.total if layout == "linear" else m
@@ -117,6 +113,19 @@ class Muon(MemtrainOptimizer):
             if group["weight_decay"] != 0:
                 view.mul_(1 - lr * group["weight_decay"])
             view.add_(ortho.to(view.dtype), alpha=-lr * update_scale(m, n, group["scale"]))
+
+    @staticmethod
+    def _momentum(param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> tuple[Tensor, Tensor]:
+        """``B ← μB + (1−μ)G`` (the buffer created at the first step); returns the fp32 G and B (this rank's rows)."""
+        if not state:
+            state["momentum_buffer"] = rows.keep(torch.zeros_like(param, dtype=torch.float32))
+        g = grad.float()
+        buf = local(state["momentum_buffer"])
+        buf.lerp_(g, 1 - group["momentum"])
+        return g, buf
+
+    def update_state(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+        self._momentum(param, grad, state, group, unsharded(param))
 
     @staticmethod
     def orthogonalize(x: Tensor, group: dict, rows: Rows) -> Tensor:

@@ -189,5 +189,40 @@ def unsharded(t: Tensor, position: int = 0) -> Rows:
     return Rows(t.shape[0] if t.dim() else 1, position=position)
 
 
+class Spread:
+    """One ``step()``'s division of the owned matrices among data-parallel ranks
+    (:meth:`MemtrainOptimizer.spread_over_ranks <memtrain.optim.base.MemtrainOptimizer.spread_over_ranks>`):
+    every rank holds the same parameters and gradients; the k-th matrix of each shape (in ``step()``'s order) is
+    updated by rank ``k mod world`` only, and :meth:`finish` broadcasts each from its owner, so every rank ends
+    with the owner's values, bitwise what it would have computed itself."""
+
+    def __init__(self, group, world: int):
+        self.group = group  #: the process group (None: the default one)
+        self.world = world
+        self.rank = dist.get_rank(group)
+        self._seen: Counter = Counter()  # matrices assigned so far, per shape key
+        self._owners: list[tuple[Tensor, int]] = []
+
+    def owner(self, param: Tensor, key) -> int:
+        """The rank that updates ``param`` (``key``: its shape class; same-shape matrices alternate owners, so each
+        rank gets about 1/world of every shape and can still batch its share)."""
+        owner = self._seen[key] % self.world
+        self._seen[key] += 1
+        self._owners.append((param, owner))
+        return owner
+
+    def finish(self) -> None:
+        """Every assigned matrix broadcast from its owner, all in flight at once, then waited for."""
+        works = []
+        for param, owner in self._owners:
+            t = param.detach()
+            works.append(dist.broadcast(t, src=dist.get_global_rank(self.group or dist.group.WORLD, owner),
+                                        group=self.group, async_op=True))
+            COMM["broadcast"] += t.numel() * t.element_size()
+        for work in works:
+            work.wait()
+        self._owners.clear()
+
+
 def comm_bytes() -> int:
     return sum(COMM.values())

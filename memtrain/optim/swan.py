@@ -180,6 +180,7 @@ class SWAN(MemtrainOptimizer):
     fsdp2 = True  # n×n Gram all-reduce (right) / all-gather (left), Z on the owner rank + broadcast
     deepspeed = False  # flat 1-D partitions have no rows: refused
     batched = True  # same-shape matrices whitened together (batched products)
+    spreads = True  # under DDP each rank whitens ~1/world of the matrices and broadcasts them
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, adam_lr: float | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, ns_steps: int = 10,

@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import memtrain
 from memtrain.hf.engines import end_process_group
 from memtrain.optim import sharding
+from memtrain.optim.registry import get_spec
 from memtrain.hf.metrics import optimizer_state_bytes, storage_bytes
 from tests.optim_table import BY_NAME
 from tests.distributed.launch import leave
@@ -84,18 +85,51 @@ def fully_shard_units(model, units, world):
     return model
 
 
+def run_ddp(name, rank, world, options, spread=False):
+    """DDP training; with ``spread``, also how many matrix updates this rank computed (its update/update_batch)."""
+    model = tiny_llama()
+    opt = memtrain.build_optimizer(model, name, lr=LR, weight_decay=0.01, **options)
+    computed = [0]
+    if spread:
+        opt.spread_over_ranks()
+        update, update_batch = opt.update, opt.update_batch
+
+        def counted_update(param, *rest):
+            computed[0] += 1
+            return update(param, *rest)
+
+        def counted_batch(params, *rest):
+            computed[0] += len(params)
+            return update_batch(params, *rest)
+
+        opt.update, opt.update_batch = counted_update, counted_batch
+    train(DistributedDataParallel(model), opt, rank, world)
+    return model, opt, computed[0]
+
+
 def run_case(name, engine, rank, world, options):
     reference = tiny_llama()
     train(reference, memtrain.build_optimizer(reference, name, lr=LR, weight_decay=0.01, **options), 0, 1)
-    model = tiny_llama()
-    if engine == "fsdp2":
-        wrapped = fully_shard_units(model, model.model.layers, world)
-    else:
-        wrapped = DistributedDataParallel(model)
-    opt = memtrain.build_optimizer(model, name, lr=LR, weight_decay=0.01, **options)
     sharding.COMM.clear()
-    train(wrapped, opt, rank, world)
+    extra = {}
+    if engine == "fsdp2":
+        model = tiny_llama()
+        wrapped = fully_shard_units(model, model.model.layers, world)  # before the optimizer: it swaps the params
+        opt = memtrain.build_optimizer(model, name, lr=LR, weight_decay=0.01, **options)
+        train(wrapped, opt, rank, world)
+    else:
+        model, opt, computed = run_ddp(name, rank, world, options, spread=engine == "ddp-spread")
     comm = dict(sharding.COMM)
+    if engine == "ddp-spread":  # against DDP without spreading: bitwise, on every rank
+        plain = run_ddp(name, rank, world, options)[0]
+        equal = all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
+        owned = [p for g in opt.param_groups if g["method"] == opt.name for p in g["params"]]
+        mine = torch.tensor([equal, computed], dtype=torch.int64)
+        every = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine)
+        extra = {"bitwise_equal_to_ddp": all(bool(t[0]) for t in every),
+                 "matrices_updated_per_rank": [int(t[1]) for t in every],
+                 "matrices": len(owned) * STEPS, "matrix_bytes": sum(p.numel() * p.element_size() for p in owned)}
     worst = 0.0
     for a, b in zip(model.parameters(), reference.parameters()):
         a = full(a.detach())
@@ -109,7 +143,7 @@ def run_case(name, engine, rank, world, options):
     dist.all_gather(states, state)
     return {"max_rel_diff": worst, "state_bytes_per_rank": [int(s[0]) for s in states],
             "replicated_state_bytes_per_rank": [int(s[1]) for s in states],
-            "comm_bytes_per_step": {k: v / STEPS for k, v in comm.items()}}
+            "comm_bytes_per_step": {k: v / STEPS for k, v in comm.items()}, **extra}
 
 
 def main():
@@ -123,7 +157,8 @@ def main():
     results = {}
     try:
         for name in args.optims.split(","):
-            for engine in args.engines.split(","):
+            spreads = getattr(get_spec(name).cls, "spreads", False)
+            for engine in args.engines.split(",") + (["ddp-spread"] if spreads else []):
                 try:
                     results[f"{name}/{engine}"] = run_case(name, engine, rank, world, OPTIONS.get(name, {}))
                 except Exception as e:  # recorded, so one refusal does not hide the other cases

@@ -49,8 +49,13 @@ def test_two_rank_layerwise_equals_standard_ddp_and_one_process(results, name, a
 
 def test_trainer_under_ddp_layerwise_equals_standard(tmp_path):
     """memtrain.Trainer on 2 ranks (accelerate wraps DDP): --layerwise runs backward under no_sync and the hooks
-    all-reduce; with accumulation 2 and a schedule it matches standard DDP training bitwise."""
+    all-reduce; with accumulation 2 and a schedule it matches standard DDP training bitwise. swan spreads its
+    matrix updates over the ranks, bitwise the unspread run."""
     r = _torchrun("layerwise_trainer_ddp_worker.py", tmp_path)
     assert r["world_size"] == 2 and r["replicas_identical"]
     assert r["max_abs_diff"] == 0.0
     assert r["losses"][0] == r["losses"][1] and len(r["losses"][0]) == 4
+    # swan through the Trainer: DDP spreads its whitening over the ranks by default (--spread_matrix_updates),
+    # bitwise the run that does not
+    assert r["swan_spread_active"] == [True, False]
+    assert r["swan_spread_max_abs_diff"] == 0.0 and r["swan_losses"][0] == r["swan_losses"][1]

@@ -45,3 +45,23 @@ def test_fsdp2_two_ranks_equal_one_rank_with_sharded_state(results, name):
     assert replicated[0] == replicated[1]
     assert sum(r["state_bytes_per_rank"]) - replicated[0] == ddp
     assert r["state_bytes_per_rank"][0] == r["state_bytes_per_rank"][1]
+
+
+SPREADING = [n for n in NAMES if getattr(get_spec(n).cls, "spreads", False)]
+
+
+def test_the_costly_matrix_methods_spread():
+    assert sorted(SPREADING) == ["muon", "swan"]
+
+
+@pytest.mark.parametrize("name", SPREADING)
+def test_ddp_spread_over_ranks_is_bitwise_ddp_with_half_the_updates_each(results, name):
+    """``spread_over_ranks``: each of the 2 ranks updates half of the matrices (of every shape) and broadcasts
+    them (the other rank updates only the state: muon's momentum); the result is bitwise DDP's without spreading,
+    and each matrix is sent once per step."""
+    r = results[f"{name}/ddp-spread"]
+    assert "error" not in r, r.get("trace")
+    assert r["bitwise_equal_to_ddp"]
+    assert r["max_rel_diff"] < 1e-5
+    assert r["matrices_updated_per_rank"] == [r["matrices"] // 2] * 2
+    assert r["comm_bytes_per_step"] == {"broadcast": r["matrix_bytes"]}

@@ -123,3 +123,14 @@ def test_a_batched_step_never_syncs_and_runs_on_fake_tensors(name, monkeypatch):
         fake_opt = memtrain.build_optimizer(fake, name, lr=1e-3)
         steps(fake, fake_opt, 0, 2)
     assert len(calls) > 2 and all(is_fake(p) for p in fake.parameters())
+
+
+def test_spread_over_ranks_refuses_methods_and_setups_it_cannot_serve():
+    """Spreading (docs/distributed.md, "Spreading matrix updates over DDP ranks") is for methods whose matrix update
+    is costly, under a process group; the 2-rank behaviour is tests/distributed/test_parity.py's."""
+    model = tiny_llama()
+    for name in ("sinkgd", "galore", "adamw"):
+        with pytest.raises(ValueError, match=r"does not spread its updates over ranks.*\(swan, muon\)"):
+            memtrain.build_optimizer(model, name, lr=1e-3).spread_over_ranks()
+    with pytest.raises(RuntimeError, match="needs an initialised process group"):
+        memtrain.build_optimizer(model, "swan", lr=1e-3).spread_over_ranks()
