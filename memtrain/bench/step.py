@@ -46,7 +46,7 @@ BASELINE = "torch-adamw"
 
 #: Variants timed next to their method's default: SWAN with 3 quintic steps before 3 Newton–Schulz ones, closer
 #: to the polar factor than the default 10 in fewer products (docs/optimizers/swan.md, "Cost").
-VARIANTS = {"swan": ["swan:ns_quintic_steps=3,ns_steps=3"]}
+VARIANTS = {"swan": ["swan:ns_quintic_steps=3,ns_steps=3", "swan:ns_dtype=bfloat16"]}
 
 
 def default_entries() -> list[str]:

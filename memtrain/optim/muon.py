@@ -20,12 +20,11 @@ from torch import Tensor
 from .base import MemtrainOptimizer, _check_hyper, fp32_view
 from .sharding import Rows, local, unsharded
 from .swan import QUINTIC, whiten
-from .transforms import as_out_in
+from .transforms import DTYPES, as_out_in
 
 #: Default iterations: the reference quintic's 5; the coupled iteration reaches the polar factor to ~1e-6 in 10 on
 #: rectangular Gaussian matrices (square ones need ~20: docs/optimizers/muon.md).
 NS_STEPS = {"quintic": 5, "polar": 10}
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def quintic_orthogonalize(x: Tensor, *, steps: int, coefficients: tuple[float, float, float], eps: float,

@@ -381,7 +381,8 @@ RESUMABLE: dict[str, frozenset] = {
     "scale": frozenset({"momentum", "norm_eps"}),
     "sinkgd": frozenset({"iterations", "norm_eps"}),
     # stateless on matrices
-    "swan": frozenset({"ns_steps", "ns_quintic_steps", "damping", "row_eps", "fp32_whitening", "norm_dim"}),
+    "swan": frozenset({"ns_steps", "ns_quintic_steps", "ns_dtype", "damping", "row_eps", "fp32_whitening",
+                       "norm_dim"}),
 }
 
 

@@ -34,9 +34,8 @@ import torch
 
 from .sharding import local
 from .base import MemtrainOptimizer, _check_hyper, fp32_view
-from .transforms import SCALE as SCALE_ADAMW, as_out_in, descend_, rms_normalize
+from .transforms import DTYPES, SCALE as SCALE_ADAMW, as_out_in, descend_, rms_normalize
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _BRANCH = {"matrix": "rows", "embedding": "columns", "head": "momentum", "other": "momentum", "vector": "adamw"}
 
 
@@ -61,8 +60,8 @@ class SCALE(MemtrainOptimizer):
             raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
         if tied_role not in ("head", "embedding"):
             raise ValueError(f"tied_role must be 'head' or 'embedding', got {tied_role!r}")
-        if state_dtype not in _DTYPES:
-            raise ValueError(f"state_dtype must be one of {', '.join(_DTYPES)}, got {state_dtype!r}")
+        if state_dtype not in DTYPES:
+            raise ValueError(f"state_dtype must be one of {', '.join(DTYPES)}, got {state_dtype!r}")
         _check_hyper("norm_eps", norm_eps, positive=True)
         super().__init__(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, adam_lr=adam_lr,
                          momentum=momentum, norm_eps=norm_eps, state_dtype=state_dtype)
@@ -86,7 +85,7 @@ class SCALE(MemtrainOptimizer):
         g = grad.float()
         if branch == "momentum":
             if not state:  # stored in the parameter's own orientation (docs/registry-and-routing.md), sharded like it
-                state["momentum"] = rows.keep(torch.zeros_like(param, dtype=_DTYPES[group["state_dtype"]]))
+                state["momentum"] = rows.keep(torch.zeros_like(param, dtype=DTYPES[group["state_dtype"]]))
             buf = local(state["momentum"])
             buf.lerp_(grad.to(buf.dtype), 1 - group["momentum"])  # no bias correction: the normalisation removes it
             g = buf.float()

@@ -142,6 +142,10 @@ def _here(solve: Callable[[], Tensor], like: Tensor) -> Tensor:
     return solve()
 
 
+#: The working dtypes an option may name (muon's and swan's ``ns_dtype``, scale's ``state_dtype``).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 @contextmanager
 def ieee_fp32():
     """Full fp32 matmuls inside iterative solvers (GaLore's bases, SWAN's whitening): TF32, which some GPUs allow

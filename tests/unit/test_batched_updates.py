@@ -11,7 +11,7 @@ import memtrain
 
 from ..conftest import lm_batch, tiny_llama
 
-CASES = [("swan", {}), ("swan", {"norm_dim": 0}), ("sinkgd", {})]
+CASES = [("swan", {}), ("swan", {"norm_dim": 0}), ("swan", {"ns_dtype": "bfloat16"}), ("sinkgd", {})]
 
 
 def _grads(model, step):

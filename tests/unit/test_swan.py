@@ -80,13 +80,17 @@ def test_conv1d_layout_is_the_transposed_linear_update():
 
 def test_options_parse_and_reach_the_groups():
     opts = memtrain.parse_optim_args(
-        "swan", "ns_steps=20,ns_quintic_steps=3,damping=1e-7,fp32_whitening=false,norm_dim=0,adam_lr=0.01")
-    assert opts == {"ns_steps": 20, "ns_quintic_steps": 3, "damping": 1e-7, "fp32_whitening": False, "norm_dim": 0,
-                    "adam_lr": 0.01}
+        "swan", "ns_steps=7,ns_quintic_steps=3,ns_dtype=bfloat16,damping=1e-7,fp32_whitening=false,norm_dim=0,"
+                "adam_lr=0.01")
+    assert opts == {"ns_steps": 7, "ns_quintic_steps": 3, "ns_dtype": "bfloat16", "damping": 1e-7,
+                    "fp32_whitening": False, "norm_dim": 0, "adam_lr": 0.01}
     opt = memtrain.build_optimizer(tiny_llama(), "swan", lr=1e-3, **opts)
     matrix = next(g for g in opt.param_groups if g["role"] == "matrix")
-    assert (matrix["ns_steps"], matrix["ns_quintic_steps"], matrix["damping"], matrix["fp32_whitening"],
-            matrix["norm_dim"]) == (20, 3, 1e-7, False, 0)
+    assert (matrix["ns_steps"], matrix["ns_quintic_steps"], matrix["ns_dtype"], matrix["damping"],
+            matrix["fp32_whitening"], matrix["norm_dim"]) == (7, 3, "bfloat16", 1e-7, False, 0)
+    assert memtrain.parse_optim_args("swan", "ns_dtype=none") == {"ns_dtype": None}
+    with pytest.raises(ValueError, match="ns_dtype"):
+        memtrain.parse_optim_args("swan", "ns_dtype=float16")
     assert memtrain.optim.get_spec("swan").stateless
 
 
@@ -103,6 +107,33 @@ def test_bf16_whitening_in_the_gradient_dtype_stays_close_to_fp32():
     exact, low = results
     assert torch.isfinite(low).all()
     assert ((low - exact).norm() / exact.norm()) < 0.05
+
+
+def test_bf16_root_on_an_fp32_whitening():
+    """``ns_dtype=bfloat16``: A' formed in fp32, the iteration's products in bf16, Z back in fp32; the direction stays
+    within bf16 rounding of the fp32 one at 10 steps (docs/optimizers/swan.md, "Cost per step")."""
+    from memtrain.optim.swan import damped_gram, newton_schulz_inv_sqrt, swan_direction, whitening_root
+    from memtrain.optim.sharding import unsharded
+
+    torch.manual_seed(0)
+    a = (lambda x: x.T @ x)(torch.randn(96, 64))
+    z = whitening_root(a, steps=10, damping=1e-6, deflate=True, dtype=torch.bfloat16)
+    assert z.dtype == torch.float32
+    damped = damped_gram(a, damping=1e-6, deflate=True)
+    assert torch.equal(z, newton_schulz_inv_sqrt(damped.bfloat16(), 10).float())
+    g = torch.randn(96, 64) * torch.logspace(-2, 0, 64)  # heterogeneous columns
+    exact = swan_direction(g, unsharded(g))
+    low = swan_direction(g, unsharded(g), ns_dtype="bfloat16")
+    assert low.dtype == torch.float32 and not torch.equal(low, exact)
+    assert ((low - exact).norm() / exact.norm()) < 0.03
+
+
+def test_bf16_roots_past_ten_steps_warn():
+    with pytest.warns(UserWarning, match=r"ns_dtype=bfloat16 with 15 iteration steps.*keep ns_steps at 10"):
+        memtrain.build_optimizer(tiny_llama(), "swan", lr=1e-3, ns_dtype="bfloat16", ns_steps=15)
+    from memtrain.optim.swan import SWAN
+    with pytest.raises(ValueError, match=r"ns_dtype must be one of float32, bfloat16 \(or None\), got 'fp16'"):
+        SWAN([torch.nn.Parameter(torch.zeros(4, 4))], lr=1e-3, ns_dtype="fp16")
 
 
 def test_flattened_matrix_is_refused_with_the_fix():
