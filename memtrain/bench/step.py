@@ -44,8 +44,9 @@ RANKED = ("galore", "fira", "apollo")
 BASELINE = "torch-adamw"
 
 
-#: Variants timed next to their method's default: SWAN with 3 quintic steps before 3 Newton–Schulz ones, closer
-#: to the polar factor than the default 10 in fewer products (docs/optimizers/swan.md, "Cost").
+#: Variants timed next to their method's default: SWAN with 3 quintic steps before 3 Newton–Schulz ones (closer
+#: to the polar factor than the default 10, in fewer products), and with its Newton–Schulz products in bf16
+#: (docs/optimizers/swan.md, "Cost per step").
 VARIANTS = {"swan": ["swan:ns_quintic_steps=3,ns_steps=3", "swan:ns_dtype=bfloat16"]}
 
 

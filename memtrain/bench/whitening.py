@@ -6,8 +6,9 @@ exact polar factor (docs/optimizers/swan.md, "Cost").
 For one gradient of every hidden-matrix shape of the model (from one forward/backward on random tokens), the
 parts of SWAN's direction are timed separately (GradNorm, the Gram, the root, applying it, the rescale), and the
 root is computed every way in :data:`ROOTS`: ``ns_steps`` of 5 to 20; 3 or 4 quintic steps before the Newton–Schulz
-ones (``ns_quintic_steps``); bf16 products (``ns_dtype``) at k = 10 and 15 and with 3 + 3; and exactly, by an eigendecomposition of the same damped, deflated Gram
-(``torch.linalg.eigh``; not used by ``swan``: on CUDA it checks its result on the host, a sync per matrix).
+ones (``ns_quintic_steps``); bf16 products (``ns_dtype``) at k = 10 and 15 and with 3 + 3; and exactly, by an
+eigendecomposition of the same damped, deflated Gram (``torch.linalg.eigh``; not used by ``swan``: on CUDA it
+checks its result on the host, a sync per matrix).
 Distance: ``‖Δ − P‖_F / ‖P‖_F`` of the unit-RMS direction Δ from the unit-RMS polar factor P of the standardised
 gradient on its range (fp64 SVD, :func:`polar_factor`), for every hidden matrix of the model. Times are the median
 process CPU time of 7 repetitions.

@@ -210,7 +210,7 @@ class SWAN(MemtrainOptimizer):
             raise ValueError(f"ns_dtype must be one of {', '.join(DTYPES)} (or None), got {ns_dtype!r}")
         if ns_dtype == "bfloat16" and ns_steps + ns_quintic_steps > 10:
             warnings.warn(f"swan: ns_dtype=bfloat16 with {ns_steps + ns_quintic_steps} iteration steps: the coupled "
-                          "iteration accumulates bf16 rounding beyond 10 (at 15 it diverged on 18 of 56 llama-bench "
+                          "iteration accumulates bf16 rounding beyond 10 (at 15 it diverged on 12 of 56 llama-bench "
                           "matrices; docs/optimizers/swan.md); keep ns_steps at 10 or use float32", stacklevel=2)
         _check_hyper("damping", damping)
         _check_hyper("row_eps", row_eps, positive=True)

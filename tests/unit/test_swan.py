@@ -125,7 +125,7 @@ def test_bf16_root_on_an_fp32_whitening():
     exact = swan_direction(g, unsharded(g))
     low = swan_direction(g, unsharded(g), ns_dtype="bfloat16")
     assert low.dtype == torch.float32 and not torch.equal(low, exact)
-    assert ((low - exact).norm() / exact.norm()) < 0.03
+    assert ((low - exact).norm() / exact.norm()) < 0.03  # measured 0.019
 
 
 def test_bf16_roots_past_ten_steps_warn():
