@@ -349,10 +349,13 @@ def tune(preset: Preset, execute: Execute) -> dict[str, dict]:
         if c.same_as is not None:
             results[c.label] = {"candidate": c, "grid": [], "best": results[c.same_as]["best"], "runs": []}
     final = [(c, results[c.label]["best"]) for c in preset.candidates if results[c.label]["best"] is not None]
-    jobs = [make_job(preset, c, point, seed) for c, point in final for seed in preset.seeds]
-    reports = iter(execute(jobs))
-    for c, _ in final:
-        results[c.label]["runs"] = [next(reports) for _ in preset.seeds]
+    # Seed-major: every entry's seed-s run before any entry's next seed, so that a drift of the machine's speed
+    # (other load, clocks) over the benchmark falls on every entry alike, and tokens/s ratios pair runs made
+    # close in time.
+    jobs = [make_job(preset, c, point, seed) for seed in preset.seeds for c, point in final]
+    reports = execute(jobs)
+    for i, (c, _) in enumerate(final):
+        results[c.label]["runs"] = reports[i::len(final)]
     return {c.label: results[c.label] for c in preset.candidates}
 
 

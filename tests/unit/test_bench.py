@@ -210,7 +210,9 @@ def test_grid_then_best_point_then_seeds_then_best_vs_best(tmp_path):
     results = bench.tune(preset, execute)
     assert len(batches[0]) == 4 and all(label.startswith("tuned-adamw") for label in batches[0])  # baseline first
     assert len(batches[1]) == 4  # swan's 2 lrs and galore's 2 scales, after the baseline is known
-    assert len(batches[2]) == 4 * 3  # every best point (layer-wise: galore's) with the 3 seeds
+    assert len(batches[2]) == 4 * 3  # every best point (layer-wise: galore's) with the 3 seeds, seed-major
+    assert [label.split()[0] for label in batches[2][:4]] == ["tuned-adamw", "swan", "galore", "galore-layerwise"]
+    assert [label.rsplit(" ", 1)[1] for label in batches[2]] == ["0"] * 4 + ["1"] * 4 + ["2"] * 4
     assert results["tuned-adamw"]["best"] == {"lr": 3e-3, "adam_lr": 1e-2}
     assert results["swan"]["best"] == {"lr": 1e-3, "adam_lr": 1e-2}  # the diverged point is never best
     assert results["galore"]["best"] == {"scale": 1.0, "lr": 1e-2}
