@@ -6,9 +6,9 @@ exact polar factor (docs/optimizers/swan.md, "Cost").
 For one gradient of every hidden-matrix shape of the model (from one forward/backward on random tokens), the
 parts of SWAN's direction are timed separately (GradNorm, the Gram, the root, applying it, the rescale), and the
 root is computed every way in :data:`ROOTS`: ``ns_steps`` of 5 to 20; 3 or 4 quintic steps before the Newton–Schulz
-ones (``ns_quintic_steps``); bf16 products (``ns_dtype``) at k = 10 and 15 and with 3 + 3; and exactly, by an
-eigendecomposition of the same damped, deflated Gram (``torch.linalg.eigh``; not used by ``swan``: on CUDA it
-checks its result on the host, a sync per matrix).
+ones (``ns_quintic_steps``); bf16 products (``ns_dtype``) at k = 10 and 15 and with 3 + 3; k = 10 evaluated on the
+Gram's eigenvalues (``ns_eval=eigh``); and exactly, by an eigendecomposition of the same damped, deflated Gram
+(the k → ∞ limit, which ``swan`` does not compute).
 Distance: ``‖Δ − P‖_F / ‖P‖_F`` of the unit-RMS direction Δ from the unit-RMS polar factor P of the standardised
 gradient on its range (fp64 SVD, :func:`polar_factor`), for every hidden matrix of the model. Times are the median
 process CPU time of 7 repetitions.
@@ -60,12 +60,12 @@ def polar_factor(x: torch.Tensor, rel_tol: float = 1e-5) -> torch.Tensor:
 DAMPING = 1e-6  # swan's default δ
 
 
-def _newton_schulz(steps: int, quintic_steps: int = 0, dtype: torch.dtype = torch.float32):
+def _newton_schulz(steps: int, quintic_steps: int = 0, dtype: torch.dtype = torch.float32, spectral: bool = False):
     """``swan``'s root with ``ns_steps=steps, ns_quintic_steps=quintic_steps``, its products in ``dtype``
-    (``ns_dtype``: A' formed in fp32, the iteration in ``dtype``)."""
+    (``ns_dtype``: A' formed in fp32, the iteration in ``dtype``), or on A's eigenvalues (``ns_eval=eigh``)."""
     def root(a: torch.Tensor, deflate: bool) -> torch.Tensor:
         return whitening_root(a, steps=steps, quintic_steps=quintic_steps, damping=DAMPING, deflate=deflate,
-                              dtype=dtype)
+                              dtype=dtype, spectral=spectral)
     return root
 
 
@@ -76,6 +76,7 @@ ROOTS = {
     **{f"quintic {q} + newton-schulz {k}": _newton_schulz(k, q) for q, k in ((3, 2), (3, 3), (4, 3))},
     **{f"newton-schulz k={k}, bf16": _newton_schulz(k, dtype=torch.bfloat16) for k in (10, 15)},
     "quintic 3 + newton-schulz 3, bf16": _newton_schulz(3, 3, dtype=torch.bfloat16),
+    "newton-schulz k=10, on eigenvalues": _newton_schulz(10, spectral=True),
     "eigh (exact root)": lambda a, deflate: _eigh_root(a, DAMPING, deflate),
 }
 DEFAULT = "newton-schulz k=10"

@@ -381,7 +381,7 @@ RESUMABLE: dict[str, frozenset] = {
     "scale": frozenset({"momentum", "norm_eps"}),
     "sinkgd": frozenset({"iterations", "norm_eps"}),
     # stateless on matrices
-    "swan": frozenset({"ns_steps", "ns_quintic_steps", "ns_dtype", "damping", "row_eps", "fp32_whitening",
+    "swan": frozenset({"ns_steps", "ns_quintic_steps", "ns_dtype", "ns_eval", "damping", "row_eps", "fp32_whitening",
                        "norm_dim"}),
 }
 

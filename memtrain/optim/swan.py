@@ -82,6 +82,32 @@ def newton_schulz_inv_sqrt(a: Tensor, steps: int, quintic_steps: int = 0) -> Ten
     return z
 
 
+def newton_schulz_spectral(a: Tensor, steps: int, quintic_steps: int = 0) -> Tensor:
+    """:func:`newton_schulz_inv_sqrt`'s Z computed through one eigendecomposition ``A/‖A‖_F = V·diag(λ)·Vᵀ``
+    (``swan``'s ``ns_eval=eigh``; docs/optimizers/swan.md, "Cost per step").
+
+    Every iterate of the coupled iteration is a polynomial in A, so it acts on each eigenvalue on its own:
+    ``Z = V·diag(z_k(λ))·Vᵀ``, where ``z_k`` runs the same recurrence (the same quintic and Newton–Schulz steps) on
+    the scalars λ, here in fp64. That is the same finite-k map, not the exact inverse square root: an fp32
+    ``eigh`` plus one product instead of 3k − 3 products. A Gram holding NaN/Inf gives a NaN Z (LAPACK would
+    raise instead), with no host round trip. CPU only: on CUDA ``eigh`` checks its result on the host."""
+    if a.device.type != "cpu":
+        raise ValueError(f"ns_eval=eigh runs on CPU tensors only, got {a.device.type}: on a GPU torch.linalg.eigh "
+                         "synchronises with the host every step and the products are faster; use ns_eval=products")
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    y = a / torch.linalg.matrix_norm(a, keepdim=True)
+    finite = torch.isfinite(y).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
+    lam, v = torch.linalg.eigh(torch.where(finite, y, eye))
+    qa, qb, qc = QUINTIC
+    y, z = lam.double(), torch.ones_like(lam, dtype=torch.float64)
+    for step in range(quintic_steps + steps):
+        m = z * y
+        h = qa + m * (qb + qc * m) if step < quintic_steps else 1.5 - 0.5 * m
+        z, y = h * z, y * h
+    root = (v * z.to(v.dtype).unsqueeze(-2)) @ v.mT
+    return torch.where(finite, root, torch.full_like(root, float("nan")))
+
+
 def whitening_side(m: int, n: int, centered_dim: int | None = 1) -> bool:
     """True when SWAN whitens an m×n matrix on the right (``XᵀX``): m > n, or square with rows centred (or nothing
     centred). The side rule (docs/registry-and-routing.md, "Orientation and side"), with a square matrix going to the
@@ -90,7 +116,7 @@ def whitening_side(m: int, n: int, centered_dim: int | None = 1) -> bool:
 
 
 def whitening_root(a: Tensor, *, steps: int, damping: float, deflate: bool, quintic_steps: int = 0,
-                   dtype: torch.dtype | None = None) -> Tensor:
+                   dtype: torch.dtype | None = None, spectral: bool = False) -> Tensor:
     """``Z ≈ (A'/‖A'‖_F)^{-1/2}`` from the short-side Gram ``A``, with ``A' = A [+ (μA/d)·11ᵀ] + δ·μA·I``
     (docs/optimizers/swan.md, "Update").
 
@@ -100,8 +126,12 @@ def whitening_root(a: Tensor, *, steps: int, damping: float, deflate: bool, quin
     all-zero Gram (trace 0) runs the iteration on the identity instead, which gives Δ = 0 exactly without a NaN,
     without a host round trip and without a branch (so under FSDP2 every rank runs the same collectives).
     A stack ``[B, d, d]`` gives each Gram its own μ, guard and root. ``dtype`` (bf16: ``swan``'s ``ns_dtype``): the
-    iteration's products in that dtype, on A' formed in ``a``'s, and Z returned in ``a``'s dtype."""
+    iteration's products in that dtype, on A' formed in ``a``'s, and Z returned in ``a``'s dtype. ``spectral``
+    (``ns_eval=eigh``): the same Z through :func:`newton_schulz_spectral`, at least in fp32 (LAPACK has no bf16)."""
     damped = damped_gram(a, damping=damping, deflate=deflate)
+    if spectral:
+        return newton_schulz_spectral(damped.float() if damped.itemsize < 4 else damped, steps,
+                                      quintic_steps).to(a.dtype)
     if dtype is None or dtype == a.dtype:
         return newton_schulz_inv_sqrt(damped, steps, quintic_steps)
     return newton_schulz_inv_sqrt(damped.to(dtype), steps, quintic_steps).to(a.dtype)
@@ -120,7 +150,7 @@ def damped_gram(a: Tensor, *, damping: float, deflate: bool) -> Tensor:
 
 
 def whiten(x: Tensor, *, steps: int = 10, damping: float = 1e-6, centered_dim: int | None = 1, quintic_steps: int = 0,
-           root_dtype: torch.dtype | None = None, total_rows: int | None = None, gram_sum: Callable = _whole,
+           root_dtype: torch.dtype | None = None, spectral: bool = False, total_rows: int | None = None, gram_sum: Callable = _whole,
            gather: Callable = _whole, mine: Callable = _whole, on_owner: Callable = _here) -> Tensor:
     """SWAN's GradWhitening (docs/optimizers/swan.md, "Update"): approximately the polar factor of ``x``, not yet
     rescaled.
@@ -128,7 +158,7 @@ def whiten(x: Tensor, *, steps: int = 10, damping: float = 1e-6, centered_dim: i
     The short side's Gram is used (right, ``Δ = X·Z`` with ``Z`` from ``XᵀX``, when m > n; left, ``Δ = Z·X`` from
     ``XXᵀ``, when m < n; square: :func:`whitening_side`), and :func:`whitening_root` turns it into ``Z``.
     ``centered_dim`` is the dim GradNorm centred (its Gram is deflated); ``root_dtype`` the dtype of the root's
-    iteration (None: ``x``'s).
+    iteration (None: ``x``'s); ``spectral`` evaluates it through an eigendecomposition (:func:`whitening_root`).
 
     The defaults whiten the whole matrix ``x``. Under FSDP2 (docs/optimizers/swan.md, "Distributed") ``x`` is this
     rank's rows of a ``total_rows``-row matrix and the hooks are the collectives of ``sharding.Rows``, so the same
@@ -149,12 +179,12 @@ def whiten(x: Tensor, *, steps: int = 10, damping: float = 1e-6, centered_dim: i
         if right:
             a = gram_sum(x.mT @ x)
             z = on_owner(lambda: whitening_root(a, steps=steps, damping=damping, deflate=deflate,
-                                                quintic_steps=quintic_steps, dtype=root_dtype),
+                                                quintic_steps=quintic_steps, dtype=root_dtype, spectral=spectral),
                          torch.empty_like(a))
             return x @ z
         full = gather(x)
         z = on_owner(lambda: whitening_root(full @ full.mT, steps=steps, damping=damping, deflate=deflate,
-                                            quintic_steps=quintic_steps, dtype=root_dtype),
+                                            quintic_steps=quintic_steps, dtype=root_dtype, spectral=spectral),
                      x.new_empty((*x.shape[:-2], m, m)))
         return mine(z) @ full
 
@@ -191,12 +221,14 @@ class SWAN(MemtrainOptimizer):
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, adam_lr: float | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, ns_steps: int = 10,
                  ns_quintic_steps: int = 0, ns_dtype: Literal["float32", "bfloat16"] | None = None,
-                 damping: float = 1e-6, row_eps: float = 1e-8, fp32_whitening: bool = True, norm_dim: int = 1):
+                 ns_eval: Literal["products", "eigh"] = "products", damping: float = 1e-6, row_eps: float = 1e-8, fp32_whitening: bool = True, norm_dim: int = 1):
         """``adam_lr`` is the lr of the AdamW-T part (None: ``lr``); ``betas``/``eps`` are its options.
         ``ns_steps`` Newton–Schulz iterations, after ``ns_quintic_steps`` steps of the faster-growing quintic
         (:func:`newton_schulz_inv_sqrt`), their products in ``ns_dtype`` (None: the whitening's dtype; ``bfloat16``
         on an fp32 whitening: about 3× faster roots, as close to the polar factor at 10 steps but not beyond,
-        docs/optimizers/swan.md "Cost per step"); ``damping`` δ relative to the Gram's mean eigenvalue; ``row_eps``
+        docs/optimizers/swan.md "Cost per step"); ``ns_eval`` how the iteration is computed: ``products`` (matrix
+        products) or ``eigh`` (the same map on the Gram's eigenvalues, :func:`newton_schulz_spectral`; CPU only,
+        about 2× faster there in fp32); ``damping`` δ relative to the Gram's mean eigenvalue; ``row_eps``
         floors the GradNorm std; ``fp32_whitening=False`` whitens in the gradient's dtype (bf16 models: bf16
         products) instead of IEEE fp32; ``norm_dim`` is the GradNorm axis (1: each output row over ``in``, the
         paper's formula; 0: each input column over ``out``)."""
@@ -208,6 +240,11 @@ class SWAN(MemtrainOptimizer):
             raise ValueError(f"norm_dim must be 1 (standardise each row) or 0 (each column), got {norm_dim!r}")
         if ns_dtype is not None and ns_dtype not in DTYPES:
             raise ValueError(f"ns_dtype must be one of {', '.join(DTYPES)} (or None), got {ns_dtype!r}")
+        if ns_eval not in ("products", "eigh"):
+            raise ValueError(f"ns_eval must be 'products' or 'eigh', got {ns_eval!r}")
+        if ns_eval == "eigh" and ns_dtype == "bfloat16":
+            raise ValueError("ns_eval=eigh takes no ns_dtype=bfloat16: the eigendecomposition runs in fp32 (LAPACK "
+                             "has no bf16); for bf16 products use ns_eval=products")
         if ns_dtype == "bfloat16" and ns_steps + ns_quintic_steps > 10:
             warnings.warn(f"swan: ns_dtype=bfloat16 with {ns_steps + ns_quintic_steps} iteration steps: the coupled "
                           "iteration accumulates bf16 rounding beyond 10 (at 15 it diverged on 12 of 56 llama-bench "
@@ -215,8 +252,13 @@ class SWAN(MemtrainOptimizer):
         _check_hyper("damping", damping)
         _check_hyper("row_eps", row_eps, positive=True)
         super().__init__(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, adam_lr=adam_lr,
-                         ns_steps=ns_steps, ns_quintic_steps=ns_quintic_steps, ns_dtype=ns_dtype, damping=damping,
-                         row_eps=row_eps, fp32_whitening=fp32_whitening, norm_dim=norm_dim)
+                         ns_steps=ns_steps, ns_quintic_steps=ns_quintic_steps, ns_dtype=ns_dtype, ns_eval=ns_eval,
+                         damping=damping, row_eps=row_eps, fp32_whitening=fp32_whitening, norm_dim=norm_dim)
+        devices = {p.device.type for group in self.param_groups if group["role"] == "matrix" for p in group["params"]}
+        if ns_eval == "eigh" and devices - {"cpu"}:
+            raise ValueError(f"swan: ns_eval=eigh runs on CPU only, but hidden matrices are on {sorted(devices)}: on a "
+                             "GPU torch.linalg.eigh synchronises with the host every step and the products are faster; "
+                             "use ns_eval=products (ns_dtype=bfloat16 for speed)")
         for group in self.param_groups:
             if group["role"] == "other":
                 warnings.warn(f"swan: parameters {group['names']} have role 'other' (2+ dims, not a linear weight); "
@@ -234,13 +276,13 @@ class SWAN(MemtrainOptimizer):
 
 
 def _direction_options(group: dict) -> dict:
-    return {k: group[k] for k in ("norm_dim", "row_eps", "ns_steps", "ns_quintic_steps", "ns_dtype", "damping",
-                                  "fp32_whitening")}
+    return {k: group[k] for k in ("norm_dim", "row_eps", "ns_steps", "ns_quintic_steps", "ns_dtype", "ns_eval",
+                                  "damping", "fp32_whitening")}
 
 
 def swan_direction(grad: Tensor, rows: Rows, *, layout: str = "linear", norm_dim: int = 1, row_eps: float = 1e-8,
                    ns_steps: int = 10, ns_quintic_steps: int = 0, ns_dtype: str | None = None,
-                   damping: float = 1e-6, fp32_whitening: bool = True) -> Tensor:
+                   ns_eval: str = "products", damping: float = 1e-6, fp32_whitening: bool = True) -> Tensor:
     """SWAN's update direction (docs/optimizers/swan.md, "Update"; ``[out, in]``) for this rank's rows ``grad`` of a
     matrix split as ``rows`` says; unsharded rows make every collective the identity (the single-process numerics),
     and then ``grad`` may be a stack ``[B, m, n]`` of same-shape gradients (``layout="linear"``), one direction each.
@@ -255,7 +297,7 @@ def swan_direction(grad: Tensor, rows: Rows, *, layout: str = "linear", norm_dim
     if not fp32_whitening:
         x = x.to(grad.dtype)
     delta = whiten(x, steps=ns_steps, quintic_steps=ns_quintic_steps, root_dtype=DTYPES.get(ns_dtype),
-                   damping=damping, centered_dim=norm_dim, total_rows=rows.total, gram_sum=rows.sum,
+                   spectral=ns_eval == "eigh", damping=damping, centered_dim=norm_dim, total_rows=rows.total, gram_sum=rows.sum,
                    gather=rows.gather, mine=rows.mine, on_owner=rows.on_owner)
     return unit_rms(delta.float(), norm_sq=lambda d: rows.sum(frobenius_sq(d)), numel=rows.total * delta.shape[-1])
 

@@ -11,7 +11,8 @@ import memtrain
 
 from ..conftest import lm_batch, tiny_llama
 
-CASES = [("swan", {}), ("swan", {"norm_dim": 0}), ("swan", {"ns_dtype": "bfloat16"}), ("sinkgd", {})]
+CASES = [("swan", {}), ("swan", {"norm_dim": 0}), ("swan", {"ns_dtype": "bfloat16"}), ("swan", {"ns_eval": "eigh"}),
+         ("sinkgd", {})]
 
 
 def _grads(model, step):
@@ -102,8 +103,8 @@ def test_unbatched_methods_and_fallback_groups_keep_the_per_matrix_path(monkeypa
     assert not memtrain.build_optimizer(tiny_llama(), "adamw", lr=1e-3).batched
 
 
-@pytest.mark.parametrize("name", ["swan", "sinkgd"])
-def test_a_batched_step_never_syncs_and_runs_on_fake_tensors(name, monkeypatch):
+@pytest.mark.parametrize("name, options", [("swan", {}), ("swan", {"ns_eval": "eigh"}), ("sinkgd", {})])
+def test_a_batched_step_never_syncs_and_runs_on_fake_tensors(name, options, monkeypatch):
     """The stacked path keeps the step contract (tests/contract/test_host_sync.py checks every optimizer's default
     path; this checks that the stacks are what ran)."""
     from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
@@ -111,7 +112,7 @@ def test_a_batched_step_never_syncs_and_runs_on_fake_tensors(name, monkeypatch):
     from ..contract.test_host_sync import HostSyncs, small_llama, steps
     calls = _spy(monkeypatch, name)
     model = tiny_llama()
-    opt = memtrain.build_optimizer(model, name, lr=1e-3)
+    opt = memtrain.build_optimizer(model, name, lr=1e-3, **options)
     for step in range(2):
         _grads(model, step)
         with HostSyncs() as syncs:
@@ -120,7 +121,7 @@ def test_a_batched_step_never_syncs_and_runs_on_fake_tensors(name, monkeypatch):
     assert len(calls) == 2  # the k/v stack of each step
     with FakeTensorMode():
         fake = small_llama()
-        fake_opt = memtrain.build_optimizer(fake, name, lr=1e-3)
+        fake_opt = memtrain.build_optimizer(fake, name, lr=1e-3, **options)
         steps(fake, fake_opt, 0, 2)
     assert len(calls) > 2 and all(is_fake(p) for p in fake.parameters())
 

@@ -60,6 +60,6 @@ def test_the_default_entries_are_every_optimizer_and_the_variants_next_to_their_
     entries = step.default_entries()
     assert [e.split(":")[0] for e in entries if e not in sum(step.VARIANTS.values(), [])] == \
         [n for n in registry.BUILTINS if n in registry.optimizer_names()]
-    assert entries[entries.index("swan") + 1: entries.index("swan") + 3] == \
-        ["swan:ns_quintic_steps=3,ns_steps=3", "swan:ns_dtype=bfloat16"]
+    assert entries[entries.index("swan") + 1: entries.index("swan") + 4] == \
+        ["swan:ns_quintic_steps=3,ns_steps=3", "swan:ns_dtype=bfloat16", "swan:ns_eval=eigh"]
     assert "galore:rank=64" in entries and "fira:rank=64" in entries and "apollo:rank=64" in entries

@@ -136,6 +136,49 @@ def test_bf16_roots_past_ten_steps_warn():
         SWAN([torch.nn.Parameter(torch.zeros(4, 4))], lr=1e-3, ns_dtype="fp16")
 
 
+def test_spectral_evaluation_is_the_same_iteration():
+    """``ns_eval=eigh`` (docs/optimizers/swan.md, "Cost per step"): Newton–Schulz's Z evaluated on the eigenvalues is
+    the products' Z (fp64: to 1e-10, with and without the quintic start), not the exact inverse square root; in
+    fp32 the direction stays within fp32 rounding of the products' (measured 0.9e-5 to 1.6e-5 here); a Gram with
+    Inf gives NaN rather than LAPACK's error, and a zero gradient a zero direction."""
+    from memtrain.optim.sharding import unsharded
+    from memtrain.optim.swan import newton_schulz_inv_sqrt, newton_schulz_spectral, swan_direction
+
+    torch.manual_seed(0)
+    x = torch.randn(96, 64, dtype=torch.float64) * torch.logspace(-3, 0, 64, dtype=torch.float64)
+    a = x.T @ x
+    for steps, quintic in ((10, 0), (3, 3), (1, 0)):
+        torch.testing.assert_close(newton_schulz_spectral(a, steps, quintic), newton_schulz_inv_sqrt(a, steps, quintic),
+                                   rtol=1e-10, atol=1e-10)
+    w, v = torch.linalg.eigh(a / torch.linalg.matrix_norm(a))
+    assert (newton_schulz_spectral(a, 10) - (v * w.rsqrt()) @ v.T).abs().max() > 1.0  # k = 10 is not converged here
+    for shape in ((96, 64), (64, 64), (64, 96)):
+        g = torch.randn(*shape) * torch.logspace(-3, 0, shape[1])
+        products, spectral = swan_direction(g, unsharded(g)), swan_direction(g, unsharded(g), ns_eval="eigh")
+        assert not torch.equal(spectral, products)
+        assert ((spectral - products).norm() / products.norm()) < 5e-5
+    bad = a.float().clone()
+    bad[0, 0] = float("inf")
+    assert newton_schulz_spectral(torch.stack([bad, a.float()]), 10)[0].isnan().all()
+    assert torch.equal(swan_direction(torch.zeros(8, 4), unsharded(torch.zeros(8, 4)), ns_eval="eigh"),
+                       torch.zeros(8, 4))
+
+
+def test_spectral_evaluation_options_are_checked():
+    opts = memtrain.parse_optim_args("swan", "ns_eval=eigh")
+    assert opts == {"ns_eval": "eigh"}
+    opt = memtrain.build_optimizer(tiny_llama(), "swan", lr=1e-3, **opts)
+    assert next(g for g in opt.param_groups if g["role"] == "matrix")["ns_eval"] == "eigh"
+    from memtrain.optim.swan import SWAN
+    with pytest.raises(ValueError, match="ns_eval must be 'products' or 'eigh', got 'svd'"):
+        SWAN([torch.nn.Parameter(torch.zeros(4, 4))], lr=1e-3, ns_eval="svd")
+    with pytest.raises(ValueError, match="ns_eval=eigh takes no ns_dtype=bfloat16"):
+        SWAN([torch.nn.Parameter(torch.zeros(4, 4))], lr=1e-3, ns_eval="eigh", ns_dtype="bfloat16")
+    meta = torch.nn.Linear(8, 8, bias=False, device="meta")
+    with pytest.raises(ValueError, match=r"ns_eval=eigh runs on CPU only, but hidden matrices are on \['meta'\]"):
+        memtrain.build_optimizer(meta, "swan", lr=1e-3, ns_eval="eigh")
+
+
 def test_flattened_matrix_is_refused_with_the_fix():
     flat = torch.nn.Parameter(torch.randn(64))
     opt = memtrain.build_optimizer([{"params": [flat], "role": "matrix", "names": ["layers.0.q_proj.weight"]}],
