@@ -48,14 +48,17 @@ BASELINE = "torch-adamw"
 #: to the polar factor than the default 10, in fewer products), with its Newton–Schulz products in bf16, and with
 #: the default iteration evaluated on the Gram's eigenvalues (docs/optimizers/swan.md, "Cost per step").
 VARIANTS = {"swan": ["swan:ns_quintic_steps=3,ns_steps=3", "swan:ns_dtype=bfloat16", "swan:ns_eval=eigh"]}
+#: Variants that run on CPU tensors only (swan refuses ``ns_eval=eigh`` on a GPU).
+CPU_ONLY = frozenset({"swan:ns_eval=eigh"})
 
 
-def default_entries() -> list[str]:
+def default_entries(device: str = "cpu") -> list[str]:
     """Every registered optimizer, built-ins in their table order, the projected ones at rank 64, each followed
-    by its :data:`VARIANTS`."""
+    by its :data:`VARIANTS` (those that run on ``device``)."""
     names = [n for n in registry.BUILTINS if n in registry.optimizer_names()]
     names += [n for n in registry.optimizer_names() if n not in names]  # user-registered classes
-    return [entry for n in names for entry in [f"{n}:rank={RANK}" if n in RANKED else n, *VARIANTS.get(n, [])]]
+    variants = {n: [v for v in vs if device == "cpu" or v not in CPU_ONLY] for n, vs in VARIANTS.items()}
+    return [entry for n in names for entry in [f"{n}:rank={RANK}" if n in RANKED else n, *variants.get(n, [])]]
 
 
 # -- references -----------------------------------------------------------------------------------------------
@@ -277,7 +280,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="model weights, gradients and the round order")
     parser.add_argument("--out", default="docs/benchmarks/step.md", help="the markdown page; the JSON goes next to it")
     args = parser.parse_args(argv)
-    entries = _parse(args.optims or default_entries())
+    entries = _parse(args.optims or default_entries(torch.device(args.device).type))
     if args.references == ["none"]:
         args.references = []
     unknown = [k for k in args.references if k not in REFERENCES]

@@ -89,23 +89,22 @@ def newton_schulz_spectral(a: Tensor, steps: int, quintic_steps: int = 0) -> Ten
     Every iterate of the coupled iteration is a polynomial in A, so it acts on each eigenvalue on its own:
     ``Z = V·diag(z_k(λ))·Vᵀ``, where ``z_k`` runs the same recurrence (the same quintic and Newton–Schulz steps) on
     the scalars λ, here in fp64. That is the same finite-k map, not the exact inverse square root: an fp32
-    ``eigh`` plus one product instead of 3k − 3 products. A Gram holding NaN/Inf gives a NaN Z (LAPACK would
-    raise instead), with no host round trip. CPU only: on CUDA ``eigh`` checks its result on the host."""
+    ``eigh`` plus one product instead of 3k − 3 products. A Gram holding NaN/Inf gives a NaN Z (LAPACK's
+    result there is undefined), with no host round trip. CPU only: on CUDA ``eigh`` checks its result on the host."""
     if a.device.type != "cpu":
         raise ValueError(f"ns_eval=eigh runs on CPU tensors only, got {a.device.type}: on a GPU torch.linalg.eigh "
                          "synchronises with the host every step and the products are faster; use ns_eval=products")
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    y = a / torch.linalg.matrix_norm(a, keepdim=True)
-    finite = torch.isfinite(y).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
-    lam, v = torch.linalg.eigh(torch.where(finite, y, eye))
+    norm = torch.linalg.matrix_norm(a, keepdim=True)
+    finite = torch.isfinite(norm)  # ‖A‖_F is NaN/Inf exactly when an entry is
+    lam, v = torch.linalg.eigh(torch.where(finite, a / norm, torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)))
     qa, qb, qc = QUINTIC
-    y, z = lam.double(), torch.ones_like(lam, dtype=torch.float64)
+    y = lam.double()
+    z = torch.where(finite[..., 0], 1.0, float("nan")).double().expand_as(y)  # a NaN Z for a non-finite Gram
     for step in range(quintic_steps + steps):
         m = z * y
         h = qa + m * (qb + qc * m) if step < quintic_steps else 1.5 - 0.5 * m
         z, y = h * z, y * h
-    root = (v * z.to(v.dtype).unsqueeze(-2)) @ v.mT
-    return torch.where(finite, root, torch.full_like(root, float("nan")))
+    return (v * z.to(v.dtype).unsqueeze(-2)) @ v.mT
 
 
 def whitening_side(m: int, n: int, centered_dim: int | None = 1) -> bool:
@@ -150,8 +149,9 @@ def damped_gram(a: Tensor, *, damping: float, deflate: bool) -> Tensor:
 
 
 def whiten(x: Tensor, *, steps: int = 10, damping: float = 1e-6, centered_dim: int | None = 1, quintic_steps: int = 0,
-           root_dtype: torch.dtype | None = None, spectral: bool = False, total_rows: int | None = None, gram_sum: Callable = _whole,
-           gather: Callable = _whole, mine: Callable = _whole, on_owner: Callable = _here) -> Tensor:
+           root_dtype: torch.dtype | None = None, spectral: bool = False, total_rows: int | None = None,
+           gram_sum: Callable = _whole, gather: Callable = _whole, mine: Callable = _whole,
+           on_owner: Callable = _here) -> Tensor:
     """SWAN's GradWhitening (docs/optimizers/swan.md, "Update"): approximately the polar factor of ``x``, not yet
     rescaled.
 
@@ -221,14 +221,15 @@ class SWAN(MemtrainOptimizer):
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, adam_lr: float | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, ns_steps: int = 10,
                  ns_quintic_steps: int = 0, ns_dtype: Literal["float32", "bfloat16"] | None = None,
-                 ns_eval: Literal["products", "eigh"] = "products", damping: float = 1e-6, row_eps: float = 1e-8, fp32_whitening: bool = True, norm_dim: int = 1):
+                 ns_eval: Literal["products", "eigh"] = "products", damping: float = 1e-6, row_eps: float = 1e-8,
+                 fp32_whitening: bool = True, norm_dim: int = 1):
         """``adam_lr`` is the lr of the AdamW-T part (None: ``lr``); ``betas``/``eps`` are its options.
         ``ns_steps`` Newton–Schulz iterations, after ``ns_quintic_steps`` steps of the faster-growing quintic
         (:func:`newton_schulz_inv_sqrt`), their products in ``ns_dtype`` (None: the whitening's dtype; ``bfloat16``
         on an fp32 whitening: about 3× faster roots, as close to the polar factor at 10 steps but not beyond,
         docs/optimizers/swan.md "Cost per step"); ``ns_eval`` how the iteration is computed: ``products`` (matrix
         products) or ``eigh`` (the same map on the Gram's eigenvalues, :func:`newton_schulz_spectral`; CPU only,
-        about 2× faster there in fp32); ``damping`` δ relative to the Gram's mean eigenvalue; ``row_eps``
+        about 1.7× faster there in fp32); ``damping`` δ relative to the Gram's mean eigenvalue; ``row_eps``
         floors the GradNorm std; ``fp32_whitening=False`` whitens in the gradient's dtype (bf16 models: bf16
         products) instead of IEEE fp32; ``norm_dim`` is the GradNorm axis (1: each output row over ``in``, the
         paper's formula; 0: each input column over ``out``)."""
@@ -297,7 +298,7 @@ def swan_direction(grad: Tensor, rows: Rows, *, layout: str = "linear", norm_dim
     if not fp32_whitening:
         x = x.to(grad.dtype)
     delta = whiten(x, steps=ns_steps, quintic_steps=ns_quintic_steps, root_dtype=DTYPES.get(ns_dtype),
-                   spectral=ns_eval == "eigh", damping=damping, centered_dim=norm_dim, total_rows=rows.total, gram_sum=rows.sum,
-                   gather=rows.gather, mine=rows.mine, on_owner=rows.on_owner)
+                   spectral=ns_eval == "eigh", damping=damping, centered_dim=norm_dim, total_rows=rows.total,
+                   gram_sum=rows.sum, gather=rows.gather, mine=rows.mine, on_owner=rows.on_owner)
     return unit_rms(delta.float(), norm_sq=lambda d: rows.sum(frobenius_sq(d)), numel=rows.total * delta.shape[-1])
 

@@ -63,3 +63,4 @@ def test_the_default_entries_are_every_optimizer_and_the_variants_next_to_their_
     assert entries[entries.index("swan") + 1: entries.index("swan") + 4] == \
         ["swan:ns_quintic_steps=3,ns_steps=3", "swan:ns_dtype=bfloat16", "swan:ns_eval=eigh"]
     assert "galore:rank=64" in entries and "fira:rank=64" in entries and "apollo:rank=64" in entries
+    assert [e for e in entries if e not in step.default_entries("cuda")] == ["swan:ns_eval=eigh"]  # CPU only
