@@ -19,7 +19,9 @@ A method subclasses :class:`MemtrainOptimizer`, names the roles it transforms in
 * the method's identity and capabilities as class attributes, which the registry reads (``registry.BUILTINS``);
 * FSDP2: ``update()`` gets the rank's local rows of a sharded parameter and its gradient, plus a
   :class:`~memtrain.optim.sharding.Rows` that provides the collectives the method's transforms need (see
-  ``memtrain/optim/sharding.py``); unsharded parameters get the same call with identity collectives;
+  ``memtrain/optim/sharding.py``); unsharded parameters get the same call with identity collectives; methods that
+  set ``windowed`` get ``world`` sharded matrices at a time (``update_window``), so the ranks' owner-only work
+  overlaps;
 * DDP: ``spread_over_ranks`` lets each rank update a share of the owned matrices and broadcast them (methods that
   set ``spreads``).
 """
@@ -157,6 +159,10 @@ class MemtrainOptimizer(Optimizer):
     #: ``step()`` hands the owned, unsharded same-shape matrices of a group to :meth:`update_batch` together
     #: (docs/registry-and-routing.md, "Batched matrix updates"); only stateless methods set it.
     batched: ClassVar[bool] = False
+    #: Under FSDP2 ``step()`` hands the owned sharded matrices of a group to :meth:`update_window`, ``world`` at a
+    #: time (one owned by each rank), so that the ranks' owner-only work runs at the same time rather than in turn
+    #: (docs/distributed.md, "How a method runs on a sharded weight"). Layer-wise release keeps the per-matrix path.
+    windowed: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -292,6 +298,11 @@ class MemtrainOptimizer(Optimizer):
         :meth:`update` on each (within the method's documented tolerance): ``batched`` methods only."""
         raise NotImplementedError(f"{type(self).__name__} sets batched but has no update_batch()")
 
+    def update_window(self, params: list[Tensor], grads: list[Tensor], rows: list[Rows], group: dict) -> None:
+        """Update sharded matrices of an owned role together (this rank's rows, their :class:`Rows`), with the same
+        result as :meth:`update` on each: ``windowed`` methods only."""
+        raise NotImplementedError(f"{type(self).__name__} sets windowed but has no update_window()")
+
     @staticmethod
     def descend_each(params: list[Tensor], deltas: Tensor, group: dict) -> None:
         """``W ← W·(1 − η·λ) − η·Δ`` for each parameter and its row of the stacked directions ``deltas``."""
@@ -385,8 +396,12 @@ class MemtrainOptimizer(Optimizer):
         spread = Spread(*self._spread_over) if self._spread_over is not None else None
         for group in self.param_groups:
             batches: dict[tuple, list[int]] = {}
+            sharded: list[int] = []  # windowed methods' FSDP2 matrices
             for index, param in enumerate(group["params"]):
                 if param.grad is None:  # skipped, no state, no counter (docs/registry-and-routing.md)
+                    continue
+                if self.windowed and group["method"] == self.name and isinstance(param, DTensor):
+                    sharded.append(index)
                     continue
                 key = self._batch_key(param, group)
                 if spread is not None and group["method"] == self.name and not isinstance(param, DTensor) \
@@ -405,6 +420,7 @@ class MemtrainOptimizer(Optimizer):
             limit = max((group["params"][i].numel() for indices in batches.values() for i in indices), default=0)
             for indices in batches.values():
                 self._step_batch(group, indices, limit)
+            self._step_windows(group, sharded)
         if spread is not None:
             spread.finish()
         return loss
@@ -430,6 +446,21 @@ class MemtrainOptimizer(Optimizer):
                 if not self.state[param]:  # touched as step_param does, so state_dict() lists the same entries
                     self._check_param(param, group, index)
             self.update_batch(params, [p.grad for p in params], group)
+
+    def _step_windows(self, group: dict, indices: list[int]) -> None:
+        """:meth:`update_window` over the group's sharded matrices, ``world`` at a time, in the group's order (the
+        same on every rank, so the collectives match). Every parameter is checked before any collective runs."""
+        items = []
+        for index in indices:
+            param = group["params"][index]
+            if not self.state[param]:  # touched as step_param does, so state_dict() lists the same entries
+                self._check_param(param, group, index)
+            rows = Rows.of(param, group["names"][index], self._position(group, index))
+            items.append((param.to_local(), local(param.grad), rows))
+        world = items[0][2].world if items else 1
+        for start in range(0, len(items), world):
+            params, grads, rows = (list(column) for column in zip(*items[start:start + world]))
+            self.update_window(params, grads, rows, group)
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:

@@ -10,8 +10,8 @@ says how the rows are split. Every transform then declares what it needs by the 
 * **reduce** — a small all-reduced statistic: :meth:`Rows.sum` (column sums, an n×n Gram, a squared norm),
   :meth:`Rows.max`, :meth:`Rows.all` (global decisions that choose which collectives run);
 * **full** — the whole matrix: :meth:`Rows.gather` it, compute on :attr:`Rows.owner` (round-robin over
-  matrices, so each rank does about 1/world of the work), :meth:`Rows.broadcast` the result and keep
-  :meth:`Rows.mine`.
+  matrices, so each rank does about 1/world of the work), :meth:`Rows.broadcast` the result (or
+  :meth:`Rows.start_broadcast` it, to have several owners' results in flight at once) and keep :meth:`Rows.mine`.
 
 Unsharded tensors (one process, DDP) get :func:`unsharded` rows, whose collectives are identities that return their
 input untouched, so one code path serves every engine and the single-process numerics do not change.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -147,6 +148,20 @@ class Rows:
         dist.broadcast(t, src=dist.get_global_rank(self.group, self.owner), group=self.group)
         COMM["broadcast"] += t.numel() * t.element_size()
         return t
+
+    def start_broadcast(self, t: Tensor) -> Callable[[], Tensor]:
+        """:meth:`broadcast` issued without waiting: returns a function that waits for it and returns ``t``, so that
+        several broadcasts (from different owners) are in flight at once. Unsharded: ``t`` at once."""
+        if self.group is None:
+            return lambda: t
+        t = t.contiguous()
+        work = dist.broadcast(t, src=dist.get_global_rank(self.group, self.owner), group=self.group, async_op=True)
+        COMM["broadcast"] += t.numel() * t.element_size()
+
+        def arrived() -> Tensor:
+            work.wait()
+            return t
+        return arrived
 
     def on_owner(self, solve, like: Tensor) -> Tensor:
         """``solve()`` run on :attr:`owner` only and broadcast into ``like`` (a buffer of the result's shape and

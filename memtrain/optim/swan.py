@@ -148,6 +148,39 @@ def damped_gram(a: Tensor, *, damping: float, deflate: bool) -> Tensor:
     return torch.where(mean_eig > 0, a, eye)
 
 
+class ShortSide:
+    """One matrix's whitening (or a stack's) split at its collectives (docs/optimizers/swan.md, "Distributed"):
+    constructing it forms the short side's Gram, with its collective (right: ``gram_sum`` of ``XᵀX``; left:
+    ``gather`` of X, whose Gram the owner alone forms), :meth:`root` computes Z from it, and :meth:`apply` gives Δ.
+    :func:`whiten` runs the three in a row; under FSDP2 ``SWAN.update_window`` runs the first for a window of
+    matrices, then each rank's own roots, then every broadcast, so that the ranks' roots run at the same time."""
+
+    def __init__(self, x: Tensor, *, centered_dim: int | None = 1, total_rows: int | None = None,
+                 gram_sum: Callable = _whole, gather: Callable = _whole):
+        m, n = (x.shape[-2] if total_rows is None else total_rows), x.shape[-1]
+        self.right = whitening_side(m, n, centered_dim)
+        self.deflate = centered_dim == (1 if self.right else 0)
+        self.operand = x if self.right else gather(x)
+        self.gram = gram_sum(x.mT @ x) if self.right else None
+        self.size = n if self.right else m
+
+    def root(self, *, steps: int, damping: float, quintic_steps: int = 0, dtype: torch.dtype | None = None,
+             spectral: bool = False) -> Tensor:
+        """Z from the Gram (:func:`whitening_root`): what the owner rank computes."""
+        a = self.gram if self.right else self.operand @ self.operand.mT
+        return whitening_root(a, steps=steps, damping=damping, deflate=self.deflate, quintic_steps=quintic_steps,
+                              dtype=dtype, spectral=spectral)
+
+    def buffer(self) -> Tensor:
+        """An empty Z, for the ranks that receive it."""
+        x = self.operand
+        return x.new_empty((*x.shape[:-2], self.size, self.size))
+
+    def apply(self, z: Tensor, mine: Callable = _whole) -> Tensor:
+        """Δ = X·Z (right) or this rank's rows of Z·X (left)."""
+        return self.operand @ z if self.right else mine(z) @ self.operand
+
+
 def whiten(x: Tensor, *, steps: int = 10, damping: float = 1e-6, centered_dim: int | None = 1, quintic_steps: int = 0,
            root_dtype: torch.dtype | None = None, spectral: bool = False, total_rows: int | None = None,
            gram_sum: Callable = _whole, gather: Callable = _whole, mine: Callable = _whole,
@@ -172,21 +205,11 @@ def whiten(x: Tensor, *, steps: int = 10, damping: float = 1e-6, centered_dim: i
 
     With the identity defaults every step is the unsharded computation, bitwise; there ``x`` may also be a stack
     ``[B, m, n]`` of same-shape matrices, whitened each on its own with batched products."""
-    m, n = (x.shape[-2] if total_rows is None else total_rows), x.shape[-1]
-    right = whitening_side(m, n, centered_dim)
-    deflate = centered_dim == (1 if right else 0)
     with ieee_fp32():
-        if right:
-            a = gram_sum(x.mT @ x)
-            z = on_owner(lambda: whitening_root(a, steps=steps, damping=damping, deflate=deflate,
-                                                quintic_steps=quintic_steps, dtype=root_dtype, spectral=spectral),
-                         torch.empty_like(a))
-            return x @ z
-        full = gather(x)
-        z = on_owner(lambda: whitening_root(full @ full.mT, steps=steps, damping=damping, deflate=deflate,
-                                            quintic_steps=quintic_steps, dtype=root_dtype, spectral=spectral),
-                     x.new_empty((*x.shape[:-2], m, m)))
-        return mine(z) @ full
+        side = ShortSide(x, centered_dim=centered_dim, total_rows=total_rows, gram_sum=gram_sum, gather=gather)
+        z = on_owner(lambda: side.root(steps=steps, damping=damping, quintic_steps=quintic_steps, dtype=root_dtype,
+                                       spectral=spectral), side.buffer())
+        return side.apply(z, mine)
 
 
 def frobenius_sq(x: Tensor) -> Tensor:
@@ -217,6 +240,7 @@ class SWAN(MemtrainOptimizer):
     deepspeed = False  # flat 1-D partitions have no rows: refused
     batched = True  # same-shape matrices whitened together (batched products)
     spreads = True  # under DDP each rank whitens ~1/world of the matrices and broadcasts them
+    windowed = True  # under FSDP2 the ranks' owner-side roots run at the same time (update_window)
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, adam_lr: float | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, ns_steps: int = 10,
@@ -275,10 +299,47 @@ class SWAN(MemtrainOptimizer):
         stack = torch.stack(grads)
         self.descend_each(params, swan_direction(stack, unsharded(stack[0]), **_direction_options(group)), group)
 
+    def update_window(self, params, grads, rows, group):
+        """FSDP2: :func:`swan_direction` for a window of sharded matrices, one owned by each rank, in three passes
+        (docs/optimizers/swan.md, "Distributed"): every Gram's collective in order, then each rank's own root
+        while the others compute theirs (the per-matrix path makes them wait at each broadcast), then every
+        broadcast in flight at once; each Δ is applied and rescaled as its Z arrives. The same collectives and
+        arithmetic as the per-matrix path, so the same result bitwise."""
+        options = _direction_options(group)
+        root = dict(steps=options["ns_steps"], quintic_steps=options["ns_quintic_steps"],
+                    dtype=DTYPES.get(options["ns_dtype"]), spectral=options["ns_eval"] == "eigh",
+                    damping=options["damping"])
+        with ieee_fp32():
+            sides = []
+            for grad, r in zip(grads, rows):
+                x, _ = _standardized(grad, r, **options)  # linear: FSDP2 refuses conv1d (base._check_param)
+                sides.append(ShortSide(x, centered_dim=options["norm_dim"], total_rows=r.total, gram_sum=r.sum,
+                                       gather=r.gather))
+            zs = [side.root(**root) if r.is_owner else side.buffer() for side, r in zip(sides, rows)]
+            arrivals = [r.start_broadcast(z) for z, r in zip(zs, rows)]
+            for param, side, r, arrived in zip(params, sides, rows, arrivals):
+                delta = _rescaled(side.apply(arrived(), r.mine), r)
+                with fp32_view(param) as p32:
+                    descend_(p32, delta, lr=group["lr"], weight_decay=group["weight_decay"])
+
 
 def _direction_options(group: dict) -> dict:
     return {k: group[k] for k in ("norm_dim", "row_eps", "ns_steps", "ns_quintic_steps", "ns_dtype", "ns_eval",
                                   "damping", "fp32_whitening")}
+
+
+def _standardized(grad: Tensor, rows: Rows, *, layout: str = "linear", norm_dim: int = 1, row_eps: float = 1e-8,
+                  fp32_whitening: bool = True, **_) -> tuple[Tensor, Rows]:
+    """GradNorm of this rank's rows, in the whitening's dtype, and the rows to whiten them with."""
+    g = as_out_in(grad.float(), layout)
+    if layout == "conv1d":  # the [out, in] view's rows; FSDP2 refuses conv1d (base._check_param), so unsharded
+        rows = unsharded(g)
+    x = standardize(g, dim=norm_dim, eps=row_eps, column_mean=rows.column_mean)
+    return (x if fp32_whitening else x.to(grad.dtype)), rows
+
+
+def _rescaled(delta: Tensor, rows: Rows) -> Tensor:
+    return unit_rms(delta.float(), norm_sq=lambda d: rows.sum(frobenius_sq(d)), numel=rows.total * delta.shape[-1])
 
 
 def swan_direction(grad: Tensor, rows: Rows, *, layout: str = "linear", norm_dim: int = 1, row_eps: float = 1e-8,
@@ -291,14 +352,9 @@ def swan_direction(grad: Tensor, rows: Rows, *, layout: str = "linear", norm_dim
     Under FSDP2: GradNorm over rows is local (``norm_dim=0`` all-reduces three length-n column
     statistics); the right side all-reduces the n×n Gram, the left side all-gathers X, and both compute Z on
     ``rows.owner`` (round-robin over matrices) and broadcast it; the rescale all-reduces ‖Δ‖² in fp64."""
-    g = as_out_in(grad.float(), layout)
-    if layout == "conv1d":  # the [out, in] view's rows; FSDP2 refuses conv1d (base._check_param), so unsharded
-        rows = unsharded(g)
-    x = standardize(g, dim=norm_dim, eps=row_eps, column_mean=rows.column_mean)
-    if not fp32_whitening:
-        x = x.to(grad.dtype)
+    x, rows = _standardized(grad, rows, layout=layout, norm_dim=norm_dim, row_eps=row_eps,
+                            fp32_whitening=fp32_whitening)
     delta = whiten(x, steps=ns_steps, quintic_steps=ns_quintic_steps, root_dtype=DTYPES.get(ns_dtype),
                    spectral=ns_eval == "eigh", damping=damping, centered_dim=norm_dim, total_rows=rows.total,
                    gram_sum=rows.sum, gather=rows.gather, mine=rows.mine, on_owner=rows.on_owner)
-    return unit_rms(delta.float(), norm_sq=lambda d: rows.sum(frobenius_sq(d)), numel=rows.total * delta.shape[-1])
-
+    return _rescaled(delta, rows)

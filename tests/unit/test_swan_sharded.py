@@ -143,3 +143,40 @@ def test_spectral_roots_on_shards_match_the_unsharded_spectral_root(shape):
     whole = swan_direction(g, unsharded(g), ns_eval="eigh")
     assert solvers == [0]
     assert rel(delta, whole) < 5e-5
+
+
+@pytest.mark.parametrize("options", [{}, {"norm_dim": 0}, {"ns_eval": "eigh"}])
+def test_a_window_of_matrices_equals_each_matrix_on_its_own(options):
+    """``SWAN.update_window`` (FSDP2's path: every Gram's collective, then each rank's own roots, then the
+    broadcasts) gives each matrix bitwise the per-matrix sharded direction, each root computed once, on its owner:
+    right, left and uneven shapes, owners alternating as consecutive positions make them."""
+    from memtrain.optim.swan import SWAN
+
+    shapes = [(64, 32), (32, 64), (33, 20), (20, 33)]
+    grads = [hetero(*shape) * (i + 1) for i, shape in enumerate(shapes)]
+    opt = SWAN([torch.nn.Parameter(torch.zeros(2, 2))], lr=1.0)
+    group = {**opt.defaults, **options}
+    solvers = []
+    real_root = swan.whitening_root
+
+    def spy(*args, **kwargs):
+        solvers.append(SOLVED.rank)
+        return real_root(*args, **kwargs)
+
+    def rank_window(rank, hub):
+        SOLVED.rank = rank
+        rows = [ThreadRows(g.shape[0], rank, hub, owner=i) for i, g in enumerate(grads)]
+        params = [torch.zeros_like(r.mine(g)) for r, g in zip(rows, grads)]
+        opt.update_window(params, [r.mine(g).clone() for r, g in zip(rows, grads)], rows, group)
+        return params
+
+    swan.whitening_root = spy
+    try:
+        out = run_ranks(2, rank_window)
+    finally:
+        swan.whitening_root = real_root
+    assert sorted(solvers) == [0, 0, 1, 1]  # each rank solved its two roots, nobody else's
+    for i, g in enumerate(grads):
+        window = -torch.cat([params[i] for params in out])  # lr 1, no decay: W = 0 − Δ
+        alone, *_ = sharded_direction(g, owner=i, **options)
+        assert torch.equal(window, alone), shapes[i]

@@ -84,6 +84,10 @@ class ThreadRows(Rows):
         self.broadcasts.append(t.clone())
         return t
 
+    def start_broadcast(self, t: Tensor):
+        t = self.broadcast(t)  # the threads' exchange is synchronous; the order of the broadcasts is what is tested
+        return lambda: t
+
     def keep(self, t: Tensor, total: int | None = None) -> Tensor:
         self.kept.append(t)
         return t
