@@ -298,9 +298,10 @@ class MemtrainOptimizer(Optimizer):
         :meth:`update` on each (within the method's documented tolerance): ``batched`` methods only."""
         raise NotImplementedError(f"{type(self).__name__} sets batched but has no update_batch()")
 
-    def update_window(self, params: list[Tensor], grads: list[Tensor], rows: list[Rows], group: dict) -> None:
-        """Update sharded matrices of an owned role together (this rank's rows, their :class:`Rows`), with the same
-        result as :meth:`update` on each: ``windowed`` methods only."""
+    def update_window(self, params: list[Tensor], grads: list[Tensor], states: list[dict], rows: list[Rows],
+                      group: dict) -> None:
+        """Update sharded matrices of an owned role together (this rank's rows, their states and :class:`Rows`), with
+        the same result as :meth:`update` on each: ``windowed`` methods only."""
         raise NotImplementedError(f"{type(self).__name__} sets windowed but has no update_window()")
 
     @staticmethod
@@ -456,11 +457,11 @@ class MemtrainOptimizer(Optimizer):
             if not self.state[param]:  # touched as step_param does, so state_dict() lists the same entries
                 self._check_param(param, group, index)
             rows = Rows.of(param, group["names"][index], self._position(group, index))
-            items.append((param.to_local(), local(param.grad), rows))
-        world = items[0][2].world if items else 1
+            items.append((param.to_local(), local(param.grad), self.state[param], rows))
+        world = items[0][3].world if items else 1
         for start in range(0, len(items), world):
-            params, grads, rows = (list(column) for column in zip(*items[start:start + world]))
-            self.update_window(params, grads, rows, group)
+            params, grads, states, rows = (list(column) for column in zip(*items[start:start + world]))
+            self.update_window(params, grads, states, rows, group)
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from .base import MemtrainOptimizer, _check_hyper, fp32_view
 from .sharding import Rows, local, unsharded
-from .swan import QUINTIC, whiten
-from .transforms import DTYPES, as_out_in
+from .swan import QUINTIC, ShortSide
+from .transforms import DTYPES, as_out_in, ieee_fp32
 
 #: Default iterations: the reference quintic's 5; the coupled iteration reaches the polar factor to ~1e-6 in 10 on
 #: rectangular Gaussian matrices (square ones need ~20: docs/optimizers/muon.md).
@@ -66,6 +66,7 @@ class Muon(MemtrainOptimizer):
     needs_matrix_shape = True
     fsdp2 = True  # gather, orthogonalise on the owner rank, broadcast (docs/optimizers/muon.md)
     spreads = True  # under DDP each rank orthogonalises ~1/world of the matrices and broadcasts them
+    windowed = True  # under FSDP2 the ranks' owner-side iterations run at the same time (update_window)
     deepspeed = False  # flat 1-D partitions have no rows: refused
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, adam_lr: float | None = None,
@@ -100,12 +101,32 @@ class Muon(MemtrainOptimizer):
                          scale=scale, damping=damping)
 
     def update(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> None:
+        self._apply(param, self.orthogonalize(self._direction(param, grad, state, group, rows), group, rows),
+                    group, rows)
+
+    def update_window(self, params, grads, states, rows, group):
+        """FSDP2: :meth:`update` for a window of sharded matrices, one owned by each rank, in three passes: every
+        momentum and gather (or Gram) in order, then each rank's own orthogonalisation while the others compute
+        theirs, then every broadcast in flight at once; each update is applied as its result arrives. The same
+        collectives and arithmetic as :meth:`update`, so the same result bitwise (docs/optimizers/muon.md)."""
+        work = [Orthogonalization(self._direction(p, g, s, group, r), group, r)
+                for p, g, s, r in zip(params, grads, states, rows)]
+        arrivals = [r.start_broadcast(o.solve() if r.is_owner else o.buffer()) for o, r in zip(work, rows)]
+        for param, o, r, arrived in zip(params, work, rows, arrivals):
+            self._apply(param, o.finish(arrived()), group, r)
+
+    def _direction(self, param: Tensor, grad: Tensor, state: dict, group: dict, rows: Rows) -> Tensor:
+        """The momentum (Nesterov: ``G + μ(B − G)``) to orthogonalise, ``[out, in]``."""
         g, buf = self._momentum(param, grad, state, group, rows)
         direction = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+        return as_out_in(direction, group.get("layout", "linear"))
+
+    @staticmethod
+    def _apply(param: Tensor, ortho: Tensor, group: dict, rows: Rows) -> None:
+        """``W ← W·(1 − η·λ) − η·scale(m, n)·O``."""
         layout = group.get("layout", "linear")
-        m, n = as_out_in(direction, layout).shape
+        m, n = ortho.shape
         m = rows.total if layout == "linear" else m
-        ortho = self.orthogonalize(as_out_in(direction, layout), group, rows)
         lr = group["lr"]
         with fp32_view(param) as p32:
             view = as_out_in(p32, layout)
@@ -131,20 +152,44 @@ class Muon(MemtrainOptimizer):
         """This rank's rows of the orthogonalised ``[out, in]`` matrix. The iteration needs the whole matrix: it is
         gathered, solved on the matrix's owner rank and broadcast (the identity without sharding), so every rank
         holds the single-process result bitwise."""
-        if group["ns"] == "polar":
+        work = Orthogonalization(x, group, rows)
+        return work.finish(rows.on_owner(work.solve, work.buffer()))
+
+
+class Orthogonalization:
+    """One matrix's orthogonalisation split at its collectives: constructing it gathers the matrix (``quintic``) or
+    forms the short side's Gram (``polar``, :class:`~memtrain.optim.swan.ShortSide`), :meth:`solve` is the owner
+    rank's iteration, :meth:`buffer` the other ranks' receiving buffer, :meth:`finish` this rank's rows of the
+    result. :meth:`Muon.orthogonalize` runs them in a row, :meth:`Muon.update_window` a window at a time."""
+
+    def __init__(self, x: Tensor, group: dict, rows: Rows):
+        self.group, self.rows, self.polar = group, rows, group["ns"] == "polar"
+        if self.polar:
             # SWAN's whitening is X·(A/‖A‖_F)^{-1/2} with A = XᵀX (or the left form): the polar factor times
             # ‖A‖_F^{1/2}, damped by δ, nothing centred. Rescaled to the polar factor's norm sqrt(min(m, n)).
-            white = whiten(x, steps=group["ns_steps"], damping=group["damping"], centered_dim=None,
-                           total_rows=rows.total, gram_sum=rows.sum, gather=rows.gather, mine=rows.mine,
-                           on_owner=rows.on_owner)
-            norm_sq = rows.norm_sq(white)
-            target = min(rows.total, x.shape[1])
-            return white * torch.where(norm_sq > 0, (target / norm_sq).sqrt(), torch.zeros_like(norm_sq)).float()
-        full = rows.gather(x)
-        dtype = DTYPES[group["ns_dtype"]]
-        ortho = rows.on_owner(lambda: quintic_orthogonalize(full, steps=group["ns_steps"],
-                                                            coefficients=group["ns_coefficients"],
-                                                            eps=group["ns_eps"], dtype=dtype),
-                              full.new_empty(full.shape, dtype=dtype))
-        return rows.mine(ortho)
+            with ieee_fp32():
+                self.side = ShortSide(x, centered_dim=None, total_rows=rows.total, gram_sum=rows.sum,
+                                      gather=rows.gather)
+            self.target = min(rows.total, x.shape[1])
+        else:
+            self.full = rows.gather(x)
+            self.dtype = DTYPES[group["ns_dtype"]]
 
+    def solve(self) -> Tensor:
+        g = self.group
+        if self.polar:
+            with ieee_fp32():
+                return self.side.root(steps=g["ns_steps"], damping=g["damping"])
+        return quintic_orthogonalize(self.full, steps=g["ns_steps"], coefficients=g["ns_coefficients"],
+                                     eps=g["ns_eps"], dtype=self.dtype)
+
+    def buffer(self) -> Tensor:
+        return self.side.buffer() if self.polar else self.full.new_empty(self.full.shape, dtype=self.dtype)
+
+    def finish(self, solved: Tensor) -> Tensor:
+        if not self.polar:
+            return self.rows.mine(solved)
+        with ieee_fp32():
+            white = self.side.apply(solved, self.rows.mine)
+        norm_sq = self.rows.norm_sq(white)
+        return white * torch.where(norm_sq > 0, (self.target / norm_sq).sqrt(), torch.zeros_like(norm_sq)).float()

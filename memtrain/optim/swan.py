@@ -299,7 +299,7 @@ class SWAN(MemtrainOptimizer):
         stack = torch.stack(grads)
         self.descend_each(params, swan_direction(stack, unsharded(stack[0]), **_direction_options(group)), group)
 
-    def update_window(self, params, grads, rows, group):
+    def update_window(self, params, grads, states, rows, group):
         """FSDP2: :func:`swan_direction` for a window of sharded matrices, one owned by each rank, in three passes
         (docs/optimizers/swan.md, "Distributed"): every Gram's collective in order, then each rank's own root
         while the others compute theirs (the per-matrix path makes them wait at each broadcast), then every

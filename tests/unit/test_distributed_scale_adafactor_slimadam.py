@@ -28,12 +28,14 @@ def _rel(a, b):
 
 
 def check_sharded(make_opt, shapes: dict[str, tuple], roles: dict[str, str], replicated: set[tuple[str, str]],
-                  rows_cls=ThreadRows, world: int = WORLD, exact: bool = False, tol: float = 1e-6):
+                  rows_cls=ThreadRows, world: int = WORLD, exact: bool = False, tol: float = 1e-6,
+                  windowed: bool = False):
     """Run STEPS steps unsharded and on ``world`` simulated ranks; compare parameters and state (to ``tol``
     relative, or bitwise with ``exact``).
 
     ``replicated``: the (param name, state key) pairs that must be plain tensors identical on every rank; every
-    other state tensor must hold this rank's rows and be stored through ``Rows.keep``."""
+    other state tensor must hold this rank's rows and be stored through ``Rows.keep``. ``windowed``: the method's
+    own matrices go through ``update_window`` together, as ``step()`` hands them over under FSDP2."""
     def same(a, b):
         return torch.equal(a, b) if exact else _rel(a, b) < tol
 
@@ -57,6 +59,11 @@ def check_sharded(make_opt, shapes: dict[str, tuple], roles: dict[str, str], rep
         with torch.no_grad():
             for step in range(STEPS):  # what step_param does for a DTensor, with the simulated Rows
                 for group in opt.param_groups:
+                    if windowed and group["method"] == opt.name:
+                        names = group["names"]
+                        opt.update_window(group["params"], [rows[n].mine(grads[step][n]) for n in names],
+                                          [opt.state[p] for p in group["params"]], [rows[n] for n in names], group)
+                        continue
                     for p, n in zip(group["params"], group["names"]):
                         opt._update_fn(group)(p, rows[n].mine(grads[step][n]), opt.state[p], group, rows[n])
         return params, opt, rows

@@ -77,15 +77,17 @@ def test_state_is_one_fp32_buffer_per_matrix_and_adamw_moments_elsewhere():
     assert optimizer_state_bytes(opt) == 4 * hidden + 8 * rest  # the AdamW step counters are Python ints
 
 
+@pytest.mark.parametrize("windowed", [False, True])
 @pytest.mark.parametrize("ns", ["quintic", "polar"])
-def test_fsdp2_row_shards_equal_one_process(ns):
+def test_fsdp2_row_shards_equal_one_process(ns, windowed):
     """3 simulated ranks, shapes with an empty shard: the quintic runs on the gathered matrix on its owner rank and is
     broadcast, so the joined parameters and momentum equal one process bitwise; the polar path's right side
-    all-reduces the Gram (another summation order), so it matches to the fp32 noise floor."""
+    all-reduces the Gram (another summation order), so it matches to the fp32 noise floor. ``windowed``: the three
+    matrices through ``update_window`` together (FSDP2's step), with the same results."""
     shapes = {"q_proj.weight": (7, 4), "k_proj.weight": (4, 6), "up_proj.weight": (5, 5), "norm.weight": (5,)}
     roles = {"q_proj.weight": "matrix", "k_proj.weight": "matrix", "up_proj.weight": "matrix", "norm.weight": "vector"}
     check_sharded(lambda groups: Muon(groups, lr=0.01, weight_decay=0.1, ns=ns, ns_dtype="float32"), shapes, roles,
-                  replicated=set(), exact=ns == "quintic", tol=1e-5)
+                  replicated=set(), exact=ns == "quintic", tol=1e-5, windowed=windowed)
 
 
 def test_bad_options_are_refused():

@@ -167,7 +167,7 @@ def test_a_window_of_matrices_equals_each_matrix_on_its_own(options):
         SOLVED.rank = rank
         rows = [ThreadRows(g.shape[0], rank, hub, owner=i) for i, g in enumerate(grads)]
         params = [torch.zeros_like(r.mine(g)) for r, g in zip(rows, grads)]
-        opt.update_window(params, [r.mine(g).clone() for r, g in zip(rows, grads)], rows, group)
+        opt.update_window(params, [r.mine(g).clone() for r, g in zip(rows, grads)], [{} for _ in grads], rows, group)
         return params
 
     swan.whitening_root = spy
