@@ -142,12 +142,7 @@ class Rows:
     def broadcast(self, t: Tensor) -> Tensor:
         """``t`` as computed on :attr:`owner`, on every rank (in place, returned). Other ranks pass a buffer of the
         same shape and dtype; replicated results are thus bitwise identical everywhere."""
-        if self.group is None:
-            return t
-        t = t.contiguous()
-        dist.broadcast(t, src=dist.get_global_rank(self.group, self.owner), group=self.group)
-        COMM["broadcast"] += t.numel() * t.element_size()
-        return t
+        return self.start_broadcast(t)()
 
     def start_broadcast(self, t: Tensor) -> Callable[[], Tensor]:
         """:meth:`broadcast` issued without waiting: returns a function that waits for it and returns ``t``, so that
@@ -155,8 +150,7 @@ class Rows:
         if self.group is None:
             return lambda: t
         t = t.contiguous()
-        work = dist.broadcast(t, src=dist.get_global_rank(self.group, self.owner), group=self.group, async_op=True)
-        COMM["broadcast"] += t.numel() * t.element_size()
+        work = _start_broadcast(t, self.owner, self.group)
 
         def arrived() -> Tensor:
             work.wait()
@@ -228,15 +222,18 @@ class Spread:
 
     def finish(self) -> None:
         """Every assigned matrix broadcast from its owner, all in flight at once, then waited for."""
-        works = []
-        for param, owner in self._owners:
-            t = param.detach()
-            works.append(dist.broadcast(t, src=dist.get_global_rank(self.group or dist.group.WORLD, owner),
-                                        group=self.group, async_op=True))
-            COMM["broadcast"] += t.numel() * t.element_size()
+        works = [_start_broadcast(param.detach(), owner, self.group) for param, owner in self._owners]
         for work in works:
             work.wait()
         self._owners.clear()
+
+
+def _start_broadcast(t: Tensor, owner: int, group):
+    """An asynchronous broadcast of contiguous ``t`` from ``owner`` (a rank of ``group``; None: the default group),
+    counted in :data:`COMM`; returns its work handle."""
+    src = dist.get_global_rank(group or dist.group.WORLD, owner)
+    COMM["broadcast"] += t.numel() * t.element_size()
+    return dist.broadcast(t, src=src, group=group, async_op=True)
 
 
 def comm_bytes() -> int:

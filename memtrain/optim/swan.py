@@ -164,12 +164,12 @@ class ShortSide:
         self.gram = gram_sum(x.mT @ x) if self.right else None
         self.size = n if self.right else m
 
-    def root(self, *, steps: int, damping: float, quintic_steps: int = 0, dtype: torch.dtype | None = None,
+    def root(self, *, steps: int, damping: float, quintic_steps: int = 0, root_dtype: torch.dtype | None = None,
              spectral: bool = False) -> Tensor:
         """Z from the Gram (:func:`whitening_root`): what the owner rank computes."""
         a = self.gram if self.right else self.operand @ self.operand.mT
         return whitening_root(a, steps=steps, damping=damping, deflate=self.deflate, quintic_steps=quintic_steps,
-                              dtype=dtype, spectral=spectral)
+                              dtype=root_dtype, spectral=spectral)
 
     def buffer(self) -> Tensor:
         """An empty Z, for the ranks that receive it."""
@@ -207,8 +207,8 @@ def whiten(x: Tensor, *, steps: int = 10, damping: float = 1e-6, centered_dim: i
     ``[B, m, n]`` of same-shape matrices, whitened each on its own with batched products."""
     with ieee_fp32():
         side = ShortSide(x, centered_dim=centered_dim, total_rows=total_rows, gram_sum=gram_sum, gather=gather)
-        z = on_owner(lambda: side.root(steps=steps, damping=damping, quintic_steps=quintic_steps, dtype=root_dtype,
-                                       spectral=spectral), side.buffer())
+        z = on_owner(lambda: side.root(steps=steps, damping=damping, quintic_steps=quintic_steps,
+                                       root_dtype=root_dtype, spectral=spectral), side.buffer())
         return side.apply(z, mine)
 
 
@@ -279,7 +279,7 @@ class SWAN(MemtrainOptimizer):
         super().__init__(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, adam_lr=adam_lr,
                          ns_steps=ns_steps, ns_quintic_steps=ns_quintic_steps, ns_dtype=ns_dtype, ns_eval=ns_eval,
                          damping=damping, row_eps=row_eps, fp32_whitening=fp32_whitening, norm_dim=norm_dim)
-        devices = {p.device.type for group in self.param_groups if group["role"] == "matrix" for p in group["params"]}
+        devices = {p.device.type for g in self.param_groups if g["role"] == "matrix" for p in g["params"]}
         if ns_eval == "eigh" and devices - {"cpu"}:
             raise ValueError(f"swan: ns_eval=eigh runs on CPU only, but hidden matrices are on {sorted(devices)}: on a "
                              "GPU torch.linalg.eigh synchronises with the host every step and the products are faster; "
@@ -305,15 +305,13 @@ class SWAN(MemtrainOptimizer):
         while the others compute theirs (the per-matrix path makes them wait at each broadcast), then every
         broadcast in flight at once; each Δ is applied and rescaled as its Z arrives. The same collectives and
         arithmetic as the per-matrix path, so the same result bitwise."""
-        options = _direction_options(group)
-        root = dict(steps=options["ns_steps"], quintic_steps=options["ns_quintic_steps"],
-                    dtype=DTYPES.get(options["ns_dtype"]), spectral=options["ns_eval"] == "eigh",
-                    damping=options["damping"])
+        root = _root_options(**_direction_options(group))
         with ieee_fp32():
             sides = []
-            for grad, r in zip(grads, rows):
-                x, _ = _standardized(grad, r, **options)  # linear: FSDP2 refuses conv1d (base._check_param)
-                sides.append(ShortSide(x, centered_dim=options["norm_dim"], total_rows=r.total, gram_sum=r.sum,
+            for grad, r in zip(grads, rows):  # linear layout: FSDP2 refuses conv1d (base._check_param)
+                x, _ = _standardized(grad, r, norm_dim=group["norm_dim"], row_eps=group["row_eps"],
+                                     fp32_whitening=group["fp32_whitening"])
+                sides.append(ShortSide(x, centered_dim=group["norm_dim"], total_rows=r.total, gram_sum=r.sum,
                                        gather=r.gather))
             zs = [side.root(**root) if r.is_owner else side.buffer() for side, r in zip(sides, rows)]
             arrivals = [r.start_broadcast(z) for z, r in zip(zs, rows)]
@@ -328,8 +326,15 @@ def _direction_options(group: dict) -> dict:
                                   "damping", "fp32_whitening")}
 
 
+def _root_options(*, ns_steps: int, ns_quintic_steps: int, ns_dtype: str | None, ns_eval: str, damping: float,
+                  **_) -> dict:
+    """The root's arguments (:func:`whiten`, :meth:`ShortSide.root`) from swan's options."""
+    return dict(steps=ns_steps, quintic_steps=ns_quintic_steps, root_dtype=DTYPES.get(ns_dtype),
+                spectral=ns_eval == "eigh", damping=damping)
+
+
 def _standardized(grad: Tensor, rows: Rows, *, layout: str = "linear", norm_dim: int = 1, row_eps: float = 1e-8,
-                  fp32_whitening: bool = True, **_) -> tuple[Tensor, Rows]:
+                  fp32_whitening: bool = True) -> tuple[Tensor, Rows]:
     """GradNorm of this rank's rows, in the whitening's dtype, and the rows to whiten them with."""
     g = as_out_in(grad.float(), layout)
     if layout == "conv1d":  # the [out, in] view's rows; FSDP2 refuses conv1d (base._check_param), so unsharded
@@ -354,7 +359,8 @@ def swan_direction(grad: Tensor, rows: Rows, *, layout: str = "linear", norm_dim
     ``rows.owner`` (round-robin over matrices) and broadcast it; the rescale all-reduces ‖Δ‖² in fp64."""
     x, rows = _standardized(grad, rows, layout=layout, norm_dim=norm_dim, row_eps=row_eps,
                             fp32_whitening=fp32_whitening)
-    delta = whiten(x, steps=ns_steps, quintic_steps=ns_quintic_steps, root_dtype=DTYPES.get(ns_dtype),
-                   spectral=ns_eval == "eigh", damping=damping, centered_dim=norm_dim, total_rows=rows.total,
-                   gram_sum=rows.sum, gather=rows.gather, mine=rows.mine, on_owner=rows.on_owner)
+    root = _root_options(ns_steps=ns_steps, ns_quintic_steps=ns_quintic_steps, ns_dtype=ns_dtype, ns_eval=ns_eval,
+                         damping=damping)
+    delta = whiten(x, **root, centered_dim=norm_dim, total_rows=rows.total, gram_sum=rows.sum, gather=rows.gather,
+                   mine=rows.mine, on_owner=rows.on_owner)
     return _rescaled(delta, rows)

@@ -5,6 +5,7 @@ all-reduce, owner-rank inverse root + broadcast, all-gather on the left side, fp
 against the unsharded direction in a fraction of a second."""
 import threading
 from collections import Counter
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -18,17 +19,10 @@ from .thread_rows import ThreadRows, run_ranks
 SOLVED = threading.local()
 
 
-def sharded_direction(g, world=2, owner=0, **options):
-    """Each rank's swan_direction of its torch.chunk rows of ``g``, run concurrently; returns the concatenated
-    direction, each rank's comm counter and broadcasts, and the ranks that ran the inverse root."""
-    solvers = []
-
-    def rank_direction(rank, hub):
-        SOLVED.rank = rank
-        rows = ThreadRows(g.shape[0], rank, hub, owner)
-        return swan_direction(rows.mine(g).clone(), rows, **options), rows
-
-    real_root = swan.whitening_root
+@contextmanager
+def roots_solved():
+    """The ranks (``SOLVED.rank`` of the calling thread) that ran an inverse root inside the block, in order."""
+    solvers, real_root = [], swan.whitening_root
 
     def spy(*args, **kwargs):
         solvers.append(SOLVED.rank)
@@ -36,9 +30,21 @@ def sharded_direction(g, world=2, owner=0, **options):
 
     swan.whitening_root = spy
     try:
-        out = run_ranks(world, rank_direction)
+        yield solvers
     finally:
         swan.whitening_root = real_root
+
+
+def sharded_direction(g, world=2, owner=0, **options):
+    """Each rank's swan_direction of its torch.chunk rows of ``g``, run concurrently; returns the concatenated
+    direction, each rank's comm counter and broadcasts, and the ranks that ran the inverse root."""
+    def rank_direction(rank, hub):
+        SOLVED.rank = rank
+        rows = ThreadRows(g.shape[0], rank, hub, owner)
+        return swan_direction(rows.mine(g).clone(), rows, **options), rows
+
+    with roots_solved() as solvers:
+        out = run_ranks(world, rank_direction)
     return torch.cat([d for d, _ in out]), [r.comm for _, r in out], solvers, [r.broadcasts for _, r in out]
 
 
@@ -119,30 +125,21 @@ def test_bf16_whitening_on_shards_is_as_accurate_as_unsharded(shape):
     assert rel(delta, fp32) < min(1.5 * rel(whole, fp32), 0.05)
 
 
+# ns_dtype=bfloat16: the Gram is all-reduced in fp32 and only the owner's iteration runs in bf16 (measured: bitwise
+# the unsharded bf16 direction on these inputs, 0.026-0.036 from the fp32 one; a wrong collective gives ~1).
+# ns_eval=eigh: the owner evaluates the iteration on the all-reduced Gram's eigenvalues; the Gram's summation order
+# moves fp32 eigenvectors a little more than the products (measured up to 1.2e-5; the eigh direction's own fp32
+# error, docs/optimizers/swan.md: 6e-5).
+@pytest.mark.parametrize("options, bound", [({"ns_dtype": "bfloat16"}, 1e-2), ({"ns_eval": "eigh"}, 5e-5)])
 @pytest.mark.parametrize("shape", [(64, 32), (33, 20), (32, 64)])
-def test_bf16_roots_on_shards_match_the_unsharded_bf16_root(shape):
-    # ns_dtype=bfloat16: the Gram is all-reduced in fp32 and only the owner's iteration runs in bf16, so the sharded
-    # direction is the unsharded bf16 one up to the fp32 Gram's summation order (left side: the same gathered X);
-    # measured: bitwise equal on these inputs, 0.026-0.036 from the fp32 direction. A wrong collective gives ~1.
+def test_root_variants_on_shards_match_the_unsharded_variant(shape, options, bound):
     g = hetero(*shape)
-    delta, _, solvers, _ = sharded_direction(g, ns_dtype="bfloat16")
-    whole = swan_direction(g, unsharded(g), ns_dtype="bfloat16")
+    delta, _, solvers, _ = sharded_direction(g, **options)
+    whole = swan_direction(g, unsharded(g), **options)
+    assert solvers == [0]
+    assert rel(delta, whole) < bound
     fp32 = swan_direction(g, unsharded(g))
-    assert solvers == [0]
-    assert rel(delta, whole) < 1e-2
-    assert rel(delta, fp32) < min(1.5 * rel(whole, fp32), 0.05)
-
-
-@pytest.mark.parametrize("shape", [(64, 32), (33, 20), (32, 64)])
-def test_spectral_roots_on_shards_match_the_unsharded_spectral_root(shape):
-    # ns_eval=eigh: the owner evaluates the iteration on the all-reduced Gram's eigenvalues, so the sharded direction
-    # is the unsharded eigh one up to the Gram's summation order, which moves fp32 eigenvectors a little more than
-    # the products (measured up to 1.1e-5 here; the eigh direction's own fp32 error, docs/optimizers/swan.md: 6e-5).
-    g = hetero(*shape)
-    delta, _, solvers, _ = sharded_direction(g, ns_eval="eigh")
-    whole = swan_direction(g, unsharded(g), ns_eval="eigh")
-    assert solvers == [0]
-    assert rel(delta, whole) < 5e-5
+    assert rel(delta, fp32) < min(1.5 * rel(whole, fp32), 0.05)  # sharding does not move it further from fp32
 
 
 @pytest.mark.parametrize("options", [{}, {"norm_dim": 0}, {"ns_eval": "eigh"}])
@@ -156,13 +153,6 @@ def test_a_window_of_matrices_equals_each_matrix_on_its_own(options):
     grads = [hetero(*shape) * (i + 1) for i, shape in enumerate(shapes)]
     opt = SWAN([torch.nn.Parameter(torch.zeros(2, 2))], lr=1.0)
     group = {**opt.defaults, **options}
-    solvers = []
-    real_root = swan.whitening_root
-
-    def spy(*args, **kwargs):
-        solvers.append(SOLVED.rank)
-        return real_root(*args, **kwargs)
-
     def rank_window(rank, hub):
         SOLVED.rank = rank
         rows = [ThreadRows(g.shape[0], rank, hub, owner=i) for i, g in enumerate(grads)]
@@ -170,11 +160,8 @@ def test_a_window_of_matrices_equals_each_matrix_on_its_own(options):
         opt.update_window(params, [r.mine(g).clone() for r, g in zip(rows, grads)], [{} for _ in grads], rows, group)
         return params
 
-    swan.whitening_root = spy
-    try:
+    with roots_solved() as solvers:
         out = run_ranks(2, rank_window)
-    finally:
-        swan.whitening_root = real_root
     assert sorted(solvers) == [0, 0, 1, 1]  # each rank solved its two roots, nobody else's
     for i, g in enumerate(grads):
         window = -torch.cat([params[i] for params in out])  # lr 1, no decay: W = 0 − Δ
